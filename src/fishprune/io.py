@@ -73,6 +73,7 @@ __all__ = [
     "load_masks",
     "load_pruned",
     "load_state",
+    "read_metadata",
     "save_masks",
     "save_state",
     "sha256_file",
@@ -221,6 +222,15 @@ def _read(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     except (SafetensorError, RuntimeError, ValueError, OverflowError) as err:
         raise ValueError(f"{path}: not a valid safetensors file ({err})") from err
     return tensors, metadata
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a fishprune safetensors file (user keys and ``fishprune.*``)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, RuntimeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{path}: not a valid safetensors file ({err})") from err
 
 
 def _check_format(path: PathLike, metadata: dict[str, str], expected: set[str]) -> str:

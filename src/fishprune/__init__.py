@@ -1,0 +1,26 @@
+"""fishprune: one-shot pruning at initialization, with Fisher-Taylor Sensitivity at its centre.
+
+>>> import fishprune as fp
+>>> masks = fp.prune(model, "fts", 0.98, batches)      # doctest: +SKIP
+"""
+
+from fishprune._version import __version__
+from fishprune.criteria import criteria
+from fishprune.masking import Masker, apply_masks
+from fishprune.params import prunable_parameters
+from fishprune.schedule import prune
+from fishprune.scoring import score
+from fishprune.selection import density_of, layer_densities, select
+
+__all__ = [
+    "Masker",
+    "__version__",
+    "apply_masks",
+    "criteria",
+    "density_of",
+    "layer_densities",
+    "prunable_parameters",
+    "prune",
+    "score",
+    "select",
+]

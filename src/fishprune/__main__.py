@@ -1,0 +1,5 @@
+import sys
+
+from fishprune.cli import main
+
+sys.exit(main())

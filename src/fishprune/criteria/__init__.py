@@ -1,0 +1,31 @@
+"""Pruning-at-initialization criteria: pure score functions, higher = keep.
+
+Each criterion lives in its own module named after it and registers itself with
+:func:`fishprune.criteria._registry.register`. The explicit import list below is the registry's
+table of contents, in the order criteria appear in tables and CLI listings.
+"""
+
+from fishprune.criteria import (  # noqa: F401  (imported for their @register side effect)
+    fbss,
+    fd,
+    fp,
+    fts,
+    gn,
+    grasp,
+    hd,
+    hp,
+    hts,
+    magnitude,
+    random,
+    snip,
+    synflow,
+)
+from fishprune.criteria._registry import REGISTRY, Context, Criterion, get_criterion, register
+
+
+def criteria() -> list[str]:
+    """Names of every registered criterion, in table order."""
+    return list(REGISTRY)
+
+
+__all__ = ["REGISTRY", "Context", "Criterion", "criteria", "get_criterion", "register"]

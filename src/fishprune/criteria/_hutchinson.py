@@ -1,0 +1,23 @@
+"""Options shared by the Hutchinson criteria hd, hp and hts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fishprune.criteria._registry import positive
+
+
+@dataclass(frozen=True)
+class HutchinsonOptions:
+    """``probes``: Rademacher probes per batch (10); ``temperature``: logits / T (200).
+
+    Both defaults follow the public code of Gollini Navarrete et al. (arXiv 2502.11450).
+    """
+
+    probes: int = 10
+    temperature: float = 200.0
+
+    def validate(self) -> None:
+        if self.probes < 1:
+            raise ValueError(f"probes must be an integer >= 1, got {self.probes!r}")
+        positive(self.temperature, "temperature")

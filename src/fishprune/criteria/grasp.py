@@ -1,0 +1,37 @@
+"""GraSP: s_q = w_q (H ḡ)_q, ḡ held constant, logits divided by T (Wang et al. 2020, eq. 8).
+
+Wang et al. *remove* the weights with the highest −w ⊙ Hg; keeping the highest w ⊙ Hg is the
+same mask in fishprune's "higher = keep" convention (some public code inverts this sign; a test
+pins it). Two passes: ḡ = mean_b ∇ℓ_T(B_b), then mean_b H_b ḡ by double backpropagation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from fishprune.autograd import hessian_vector_mean, mean_gradient
+from fishprune.batches import Batches
+from fishprune.criteria._registry import Context, positive, register
+
+
+@dataclass(frozen=True)
+class GraSPOptions:
+    """``temperature``: logits are divided by T before the loss (200 in the reference code)."""
+
+    temperature: float = 200.0
+
+    def validate(self) -> None:
+        positive(self.temperature, "temperature")
+
+
+@register("grasp", options=GraSPOptions, passes=2)
+def grasp(
+    model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
+    opts: GraSPOptions,
+) -> dict[str, Tensor]:
+    t = opts.temperature
+    g = mean_gradient(model, params, batches, ctx.loss_fn, temperature=t)
+    hg = hessian_vector_mean(model, params, batches, ctx.loss_fn, g, temperature=t)
+    return {n: params[n].detach().to(v.dtype) * v for n, v in hg.items()}

@@ -1,0 +1,63 @@
+"""Applying masks: zero pruned weights once, then keep them exactly zero through training.
+
+No forward pre-hooks and no ``weight_orig`` re-parametrisation: the model stays a plain
+``nn.Module`` whose ``state_dict`` has its usual keys. During training, :class:`Masker` zeroes the
+gradients of pruned weights before ``optimizer.step()`` and the weights after it, with one
+multi-tensor operation each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _check(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Parameter, Tensor]]:
+    named = dict(model.named_parameters())
+    pairs = {}
+    for name, mask in masks.items():
+        if name not in named:
+            raise ValueError(f"mask for {name!r}, which is not a parameter of {type(model).__name__}")
+        param = named[name]
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ValueError(
+                f"mask for {name} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask for {name} must be a bool tensor, got {mask.dtype}")
+        pairs[name] = (param, mask.to(param.device))
+    return pairs
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
+    """Zero, in place, every weight whose mask entry is False; return ``model``."""
+    for param, mask in _check(model, masks).values():
+        param.masked_fill_(~mask, 0)
+    return model
+
+
+class Masker:
+    """Keeps pruned weights exactly zero under any optimizer (SGD momentum, weight decay, Adam).
+
+    Call :meth:`mask_grads_` after ``backward()`` and before ``optimizer.step()`` so no update
+    (momentum or weight-decay term included) ever sees a pruned gradient, and
+    :meth:`mask_weights_` after the step, which guards against optimizer state that was not
+    reset at pruning time. Both are single multi-tensor multiplications.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, Tensor]) -> None:
+        pairs = _check(model, masks)
+        self.params = [p for p, _ in pairs.values()]
+        self.masks = [m.to(p.dtype) for p, m in pairs.values()]
+
+    @torch.no_grad()
+    def mask_grads_(self) -> None:
+        with_grad = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        if with_grad:
+            grads, masks = zip(*with_grad)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    @torch.no_grad()
+    def mask_weights_(self) -> None:
+        torch._foreach_mul_(self.params, self.masks)

@@ -1,0 +1,94 @@
+"""``select``: turn scores into masks that keep exactly the requested number of weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fishprune.scoring import validate_sparsity
+
+SCOPES = ("global", "layer")
+
+
+def kept_count(density: float, total: int) -> int:
+    """round(density · total), halves rounded up: the exact number of weights a mask keeps.
+
+    The product is first rounded to 6 decimals so that float noise does not turn a half down
+    (1 − 0.9 = 0.0999…98 in binary, and 0.1 · 25 = 2.5 must keep 3, not 2).
+    """
+    return min(total, math.floor(round(density * total, 6) + 0.5))
+
+
+def select(scores: dict[str, Tensor], sparsity: float, *, scope: str = "global") -> dict[str, Tensor]:
+    """Keep the top ``round((1 − sparsity) · N)`` scores; return ``{name: BoolTensor}`` masks.
+
+    ``scope="global"`` ranks all N scored weights together (the papers' setting);
+    ``scope="layer"`` keeps that fraction of each tensor separately. Ties at the threshold are
+    broken deterministically: weights earlier in the order of ``scores`` (the model's order) and,
+    within a tensor, at a lower flat index are kept first. ``-inf`` is a valid score (never kept
+    before a finite one); NaN is rejected with a ``ValueError`` naming the tensor, because a NaN
+    score means the criterion failed, and any silent ranking of it would hide that.
+    """
+    return select_density(scores, 1.0 - validate_sparsity(sparsity), scope=scope)
+
+
+def select_density(scores: dict[str, Tensor], density: float, *, scope: str = "global") -> dict[
+    str, Tensor
+]:
+    """:func:`select` by kept fraction ``density`` (schedules compute densities directly)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if not scores:
+        raise ValueError("scores is empty: nothing to select from")
+    for name, s in scores.items():
+        if not isinstance(s, Tensor):
+            raise ValueError(f"scores[{name!r}] is a {type(s).__name__}, expected a tensor")
+        nans = int(torch.isnan(s).sum())
+        if nans:
+            raise ValueError(
+                f"scores for {name} contain {nans} NaN value(s): the criterion failed on this "
+                "model or data (check the loss and inputs for NaN/inf)"
+            )
+    if scope == "layer":
+        return {n: _top(s.reshape(-1), kept_count(density, s.numel())).reshape(s.shape)
+                for n, s in scores.items()}
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else (
+        torch.float32
+    )
+    device = next(iter(scores.values())).device
+    flat = torch.cat([s.detach().reshape(-1).to(device, dtype) for s in scores.values()])
+    keep = _top(flat, kept_count(density, flat.numel()))
+    masks, offset = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[offset : offset + s.numel()].reshape(s.shape).to(s.device)
+        offset += s.numel()
+    return masks
+
+
+def _top(flat: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest entries of a 1-D tensor, ties to the lowest index, O(n)."""
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    above = flat > threshold
+    ties = flat == threshold
+    room = k - int(above.sum())
+    return above | (ties & (torch.cumsum(ties, 0) <= room))
+
+
+def density_of(masks: dict[str, Tensor]) -> float:
+    """Kept fraction of all masked weights."""
+    total = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def layer_densities(masks: dict[str, Tensor]) -> dict[str, float]:
+    """Kept fraction per tensor."""
+    return {n: int(m.sum()) / max(m.numel(), 1) for n, m in masks.items()}
+
+
