@@ -51,7 +51,7 @@ def prune(
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # read every round
-    if total > 1 and batches is not None and not isinstance(batches, Sequence):
+    if total > 1 and crit.needs_data and batches is not None and not isinstance(batches, Sequence):
         batches = list(batches)  # every round must see the same batches
     masks: dict[str, Tensor] | None = None
     for r in range(1, total + 1):

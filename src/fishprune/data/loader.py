@@ -1,12 +1,13 @@
 """Mini-batches straight from a resident uint8 tensor: no workers, no per-sample Python.
 
-Images stay uint8 on ``device`` (4x less memory than float32: CIFAR-10's 50k images are
-154 MB, not 614 MB) and each batch is gathered with one ``index_select`` then converted and
-normalized in one fused multiply-add, ``x * (1 / (255 std)) - mean / std``. On 2 CPU cores
-that costs about the same per epoch as gathering from a preconverted float tensor (0.06 s vs
-0.02-0.08 s for Fashion-MNIST), without the one-off conversion (0.9 s for Fashion-MNIST,
-2.8 s for CIFAR-10, paid by every loader built) and lets augmentation work on uint8, where the
-crop's zero padding is exactly a black pixel as in torchvision's ``RandomCrop(padding=4)``.
+Images stay uint8 on ``device`` (4x less memory than float32: CIFAR-10's 50k train images take
+154 MB, not 614 MB) and each batch is gathered with one ``index_select``, then converted and
+normalized in place as ``x * (1 / (255 std)) + (-mean / std)``. Measured on one CPU thread, a
+shuffled Fashion-MNIST epoch at batch size 128 costs 0.03-0.04 s this way against 0.045 s when
+gathering from a preconverted float32 copy, which itself costs 0.14 s to build (0.7 s for
+CIFAR-10) for every loader made. Augmentation also runs on uint8, where the crop's zero padding
+is exactly a black pixel as in torchvision's ``RandomCrop(32, padding=4)`` before ``Normalize``
+(a CIFAR-10 epoch with augmentation: 0.48 s, against 0.10 s without).
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) 
         padding: pixels of zero padding per side.
     """
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))  # (N, C, H+2p, W+2p)
+    wp = w + 2 * padding
+    padded = F.pad(x, (padding, padding, padding, padding)).flatten(2)  # (N, C, (H+2p)(W+2p))
     rows = top[:, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = torch.arange(w, device=x.device).expand(n, w)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + left[:, None]  # (N, W)
-    padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    # One gather with flat indices into the padded image: 3x faster than gathering rows
+    # then columns (0.6 vs 2.1 ms for 128×3×32×32 uint8 on one CPU thread).
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(n, 1, h * w)
+    return padded.gather(2, flat.expand(n, c, h * w)).view(n, c, h, w)
 
 
 class TensorBatches:
