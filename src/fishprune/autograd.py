@@ -21,6 +21,11 @@ from fishprune.batches import Batch
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def gradients(outputs: Tensor | list[Tensor], inputs: list[Tensor], **kwargs) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad``, with zeros for weights the loss does not use (an unused head)."""
+    return torch.autograd.grad(outputs, inputs, allow_unused=True, materialize_grads=True, **kwargs)
+
+
 def _zeros(like: Tensor) -> Tensor:
     """An accumulator for ``like``: float32, or float64 for float64 weights (sums of squares
     in a lower precision than the weights would make float64 scoring no more exact than float32)."""
@@ -61,7 +66,7 @@ def gradient_moments(
     squares = [_zeros(p) for p in tensors]
     count = 0
     for batch in batches:
-        grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), tensors)
+        grads = gradients(batch_loss(model, batch, loss_fn), tensors)
         grads = [g.to(s.dtype) for g, s in zip(grads, sums)]
         torch._foreach_add_(sums, grads)
         torch._foreach_addcmul_(squares, grads, grads)
@@ -84,7 +89,7 @@ def mean_gradient(
     sums = [_zeros(p) for p in tensors]
     count = 0
     for batch in batches:
-        grads = torch.autograd.grad(batch_loss(model, batch, loss_fn, temperature), tensors)
+        grads = gradients(batch_loss(model, batch, loss_fn, temperature), tensors)
         torch._foreach_add_(sums, [g.to(s.dtype) for g, s in zip(grads, sums)])
         count += 1
     torch._foreach_div_(sums, count)
@@ -106,10 +111,10 @@ def hessian_vector_mean(
     sums = [_zeros(p) for p in tensors]
     count = 0
     for batch in batches:
-        grads = torch.autograd.grad(
+        grads = gradients(
             batch_loss(model, batch, loss_fn, temperature), tensors, create_graph=True
         )
-        hv = torch.autograd.grad(grads, tensors, grad_outputs=v)
+        hv = gradients(grads, tensors, grad_outputs=v)
         torch._foreach_add_(sums, [h.to(s.dtype) for h, s in zip(hv, sums)])
         count += 1
     torch._foreach_div_(sums, count)
@@ -137,13 +142,13 @@ def hutchinson_diagonal(
     h_sum = [_zeros(p) for p in tensors]
     count = 0
     for batch in batches:
-        grads = torch.autograd.grad(
+        grads = gradients(
             batch_loss(model, batch, loss_fn, temperature), tensors, create_graph=True
         )
         torch._foreach_add_(g_sum, [g.detach().to(s.dtype) for g, s in zip(grads, g_sum)])
         for probe in range(probes):
             z = [_rademacher(p, generator) for p in tensors]
-            hz = torch.autograd.grad(grads, tensors, grad_outputs=z, retain_graph=probe < probes - 1)
+            hz = gradients(grads, tensors, grad_outputs=z, retain_graph=probe < probes - 1)
             torch._foreach_addcmul_(
                 h_sum, [zi.to(s.dtype) for zi, s in zip(z, h_sum)],
                 [h.to(s.dtype) for h, s in zip(hz, h_sum)],
@@ -184,7 +189,7 @@ def _per_sample_moments(
         n_batch = inputs.shape[0]
         with _Capture(hooked) as capture:
             loss = batch_loss(model, (inputs, targets), loss_fn) * n_batch  # Σ_n ℓ_n
-            grads = torch.autograd.grad(loss, tensors)
+            grads = gradients(loss, tensors)
         for name, g in zip(names, grads):
             sums[name].add_(g)
         reused = [n for n in hooked if capture.calls[n] != 1]  # its hooks saw only one call

@@ -17,7 +17,9 @@ def _check(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Par
     pairs = {}
     for name, mask in masks.items():
         if name not in named:
-            raise ValueError(f"mask for {name!r}, which is not a parameter of {type(model).__name__}")
+            raise ValueError(
+                f"mask for {name!r}, which is not a parameter of {type(model).__name__}"
+            )
         param = named[name]
         if tuple(mask.shape) != tuple(param.shape):
             raise ValueError(

@@ -41,7 +41,9 @@ def score(
             accept ``None``.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss; cross-entropy by
             default.
-        seed: seeds the random criterion and the Hutchinson probes (CPU generators).
+        seed: seeds the random criterion and the Hutchinson probes (CPU generators), and the
+            global RNG for stochastic layers (dropout with ``mode="train"``); the caller's RNG
+            state is restored afterwards.
         mode: ``"eval"`` (default, as the reference code) or ``"train"`` (batch statistics in
             BatchNorm; running statistics are restored afterwards).
         exclude: glob patterns of parameter names never scored nor pruned.
@@ -71,7 +73,7 @@ def score(
         )
     data = None if batches is None else Batches(batches, device, replay=crit.passes > 1)
     ctx = Context(loss_fn=loss_fn or F.cross_entropy, seed=seed)
-    with preserved(model, params):
+    with preserved(model, params), seeded_rng(seed, device):
         model.train(mode == "train")
         raw = crit.fn(model, params, data, ctx, opts)
     return _checked(raw, params, crit.name)
@@ -86,7 +88,8 @@ def preserved(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[Non
     """Restore flags, ``requires_grad``, ``.grad`` and buffers of ``model`` on exit.
 
     Inside, the prunable weights require grad and every other parameter does not (their
-    gradients are never needed), and autograd is enabled.
+    gradients are never needed), ``.grad`` is None (so a ``backward()`` cannot accumulate into
+    the caller's gradient tensors), and autograd is enabled.
     """
     modes = [(m, m.training) for m in model.modules()]
     all_params = list(model.parameters())
@@ -97,6 +100,7 @@ def preserved(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[Non
     try:
         for p in all_params:
             p.requires_grad_(id(p) in wanted)
+            p.grad = None
         with torch.enable_grad():
             yield
     finally:
@@ -110,7 +114,22 @@ def preserved(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[Non
                 b.copy_(saved)
 
 
-def _checked(raw: dict[str, Tensor], params: dict[str, nn.Parameter], name: str) -> dict[str, Tensor]:
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global CPU (and the model's CUDA) RNG inside; restore the caller's state after."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda"
+    ) else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[cuda[0]].manual_seed(seed)
+        yield
+
+
+def _checked(
+    raw: dict[str, Tensor], params: dict[str, nn.Parameter], name: str
+) -> dict[str, Tensor]:
     if list(raw) != list(params):
         raise RuntimeError(f"criterion '{name}' returned keys {list(raw)}, expected {list(params)}")
     out = {}

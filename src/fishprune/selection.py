@@ -21,7 +21,9 @@ def kept_count(density: float, total: int) -> int:
     return min(total, math.floor(round(density * total, 6) + 0.5))
 
 
-def select(scores: dict[str, Tensor], sparsity: float, *, scope: str = "global") -> dict[str, Tensor]:
+def select(
+    scores: dict[str, Tensor], sparsity: float, *, scope: str = "global"
+) -> dict[str, Tensor]:
     """Keep the top ``round((1 − sparsity) · N)`` scores; return ``{name: BoolTensor}`` masks.
 
     ``scope="global"`` ranks all N scored weights together (the papers' setting);

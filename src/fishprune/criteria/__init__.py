@@ -5,21 +5,25 @@ Each criterion lives in its own module named after it and registers itself with
 table of contents, in the order criteria appear in tables and CLI listings.
 """
 
+# The import order is the table order: sorting these imports would reorder the registry.
+# isort: off
 from fishprune.criteria import (  # noqa: F401  (imported for their @register side effect)
-    fbss,
+    random,
+    magnitude,
+    gn,
+    snip,
+    grasp,
+    synflow,
     fd,
     fp,
     fts,
-    gn,
-    grasp,
+    fbss,
     hd,
     hp,
     hts,
-    magnitude,
-    random,
-    snip,
-    synflow,
 )
+
+# isort: on
 from fishprune.criteria._registry import REGISTRY, Context, Criterion, get_criterion, register
 
 

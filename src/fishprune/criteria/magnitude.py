@@ -11,7 +11,8 @@ from fishprune.criteria._registry import Context, NoOptions, register
 
 @register("magnitude", needs_data=False)
 def magnitude(
-    model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context, opts: NoOptions
+    model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
+    opts: NoOptions,
 ) -> dict[str, Tensor]:
     return {n: p.detach().abs().to(torch.promote_types(p.dtype, torch.float32))
             for n, p in params.items()}

@@ -15,7 +15,8 @@ from fishprune.criteria._registry import Context, NoOptions, register
 
 @register("random", needs_data=False)
 def random(
-    model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context, opts: NoOptions
+    model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
+    opts: NoOptions,
 ) -> dict[str, Tensor]:
     gen = ctx.generator()
     return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in params.items()}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fishprune.autograd import gradients
 from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, register
 
@@ -46,5 +47,5 @@ def synflow(
     weights = {n: state[n].requires_grad_(True) for n in params}
     ones = torch.ones((1, *shape), dtype=torch.float64, device=device)
     r = functional_call(model, state, (ones,)).sum()
-    grads = torch.autograd.grad(r, list(weights.values()))
+    grads = gradients(r, list(weights.values()))
     return {n: (w.detach() * g).abs() for (n, w), g in zip(weights.items(), grads)}
