@@ -5,19 +5,24 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.fishprune-installed
+STAMP  := $(VENV)/.installed-run
+TSTAMP := $(VENV)/.installed-test
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint setup data bench clean
+.PHONY: run test lint setup setup-test data bench clean
 
 setup: $(STAMP)
+setup-test: $(TSTAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(TSTAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(TSTAMP)
 
 # Fashion-MNIST from Debian's package when we can install it; otherwise fishprune looks in
 # --data-dir, $$FISHPRUNE_DATA and its cache, downloads (with checksums) when online, or says how.
@@ -32,10 +37,10 @@ data:
 run: setup data
 	$(BIN)/fishprune run $(ARGS)
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check src tests benchmarks
 
-test: setup data lint
+test: setup-test data lint
 	$(BIN)/python -m pytest -q
 
 bench: setup data

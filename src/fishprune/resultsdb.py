@@ -1,0 +1,271 @@
+"""The results database: an SQLite index of run directories (``<dir>/results.sqlite``).
+
+The run directories are the source of truth; the database is an index that
+:func:`index_dir` can always rebuild from them. One row per run in ``runs``:
+
+* identity: ``run_id`` (primary key), ``label``, ``method`` (the criterion, or ``dense`` at
+  sparsity 0), ``status`` (``finished``, ``failed`` or ``incomplete``), ``error``, ``run_dir``;
+* every flat setting of :class:`~fishprune.config.RunConfig` under its own name (lists as JSON
+  text, booleans as 0/1);
+* metrics from ``result.json``: ``test_acc``, ``test_loss``, ``best_val_acc``, ``best_epoch``,
+  ``epochs_trained``, ``density``, ``kept``, ``prunable``, ``parameters``,
+  ``collapsed_layers``/``disconnected_layers`` (counts) and ``collapsed_names`` (JSON);
+* timings ``warmup_seconds``, ``score_seconds``, ``train_seconds``;
+* provenance: ``fishprune_version``, ``git_commit``, ``torch_version``, ``python_version``,
+  ``platform``, ``device_used``, ``device_name``, ``threads``;
+* timestamps (UTC, ISO 8601): ``started_at``, ``finished_at``, ``indexed_at``.
+
+``layers`` holds ``layers.json`` (one row per prunable tensor: ``run_id``, ``position``,
+``name``, ``numel``, ``kept``, ``density``, ``effective``). A failed run leaves ``error.json``
+in its directory so that the failure, too, survives a rebuild. New settings become new columns
+on the next open (``ALTER TABLE``), so old databases keep working.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from fishprune import config as C
+from fishprune import io
+
+DB_NAME = "results.sqlite"
+ERROR = "error.json"
+SCHEMA_VERSION = 1
+
+IDENTITY = {"run_id": "TEXT PRIMARY KEY", "label": "TEXT", "method": "TEXT",
+            "status": "TEXT NOT NULL", "error": "TEXT", "run_dir": "TEXT"}
+METRICS = {"test_acc": "REAL", "test_loss": "REAL", "best_val_acc": "REAL",
+           "best_epoch": "INTEGER", "epochs_trained": "INTEGER", "density": "REAL",
+           "kept": "INTEGER", "prunable": "INTEGER", "parameters": "INTEGER",
+           "collapsed_layers": "INTEGER", "disconnected_layers": "INTEGER",
+           "collapsed_names": "TEXT"}
+TIMINGS = {"warmup_seconds": "REAL", "score_seconds": "REAL", "train_seconds": "REAL"}
+PROVENANCE = {"fishprune_version": "fishprune", "git_commit": "git_commit",
+              "torch_version": "torch", "python_version": "python", "platform": "platform",
+              "device_used": "device", "device_name": "device_name", "threads": "threads"}
+TIMES = ("started_at", "finished_at", "indexed_at")
+
+
+def setting_columns() -> dict[str, str]:
+    """Every flat setting → its SQLite column type."""
+    sql = {int: "INTEGER", bool: "INTEGER", float: "REAL"}
+    return {name: sql.get(kind, "TEXT") for name, kind in setting_kinds().items()}
+
+
+def columns() -> dict[str, str]:
+    """All columns of ``runs`` in table order."""
+    prov = {k: ("INTEGER" if k == "threads" else "TEXT") for k in PROVENANCE}
+    return {**IDENTITY, **setting_columns(), **METRICS, **TIMINGS, **prov,
+            **{t: "TEXT" for t in TIMES}}
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating or upgrading) a results database in WAL mode; rows come as dicts."""
+    conn = sqlite3.connect(str(path), timeout=60)
+    conn.row_factory = lambda cur, row: {d[0]: v for d, v in zip(cur.description, row)}
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    with conn:
+        cols = columns()
+        spec = ", ".join(f"{k} {t}" for k, t in cols.items())
+        conn.execute(f"CREATE TABLE IF NOT EXISTS runs ({spec})")
+        have = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+        for name, kind in cols.items():
+            if name not in have:  # a setting added since the database was made
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind.split()[0]}")
+        conn.execute("CREATE TABLE IF NOT EXISTS layers (run_id TEXT NOT NULL, position INTEGER, "
+                     "name TEXT NOT NULL, numel INTEGER, kept INTEGER, density REAL, "
+                     "effective INTEGER, PRIMARY KEY (run_id, name))")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+    return conn
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sql(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return int(value) if isinstance(value, bool) else value
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in C.SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        elif key in C.flat_fields():
+            flat[key] = value
+    try:  # canonical values (defaults of settings added since the run was made)
+        return C.flat_values(C.build(flat))
+    except (C.ConfigError, TypeError):
+        return {k: v for k, v in flat.items() if k in C.flat_fields()}
+
+
+def row_from_dir(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """The ``runs`` row and ``layers`` rows of a run directory (None: not a run directory)."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    if not isinstance(config, dict):
+        return None
+    settings = _settings(config)
+    result = _read_json(run_dir / "result.json")
+    error = _read_json(run_dir / ERROR)
+    prov = _read_json(run_dir / "provenance.json") or {}
+    sparsity = settings.get("sparsity")
+    row: dict[str, Any] = {
+        "run_id": config.get("run_id", run_dir.name), "label": config.get("label"),
+        "method": "dense" if sparsity == 0 else settings.get("criterion"),
+        "status": "finished" if result else ("failed" if error else "incomplete"),
+        "error": None if result or not error else error.get("error"),
+        "run_dir": run_dir.name, **settings,
+        "started_at": prov.get("started"), "indexed_at": _now(),
+    }
+    row.update({col: prov.get(key) for col, key in PROVENANCE.items()})
+    if result:
+        row.update({k: result.get(k) for k in METRICS if k in result})
+        row.update({k: result.get(k) for k in TIMINGS})
+        row["epochs_trained"] = result.get("epochs")
+        row["collapsed_layers"] = len(result.get("collapsed_layers") or [])
+        row["disconnected_layers"] = len(result.get("disconnected_layers") or [])
+        row["collapsed_names"] = result.get("collapsed_layers") or []
+        mtime = (run_dir / "result.json").stat().st_mtime
+        row["finished_at"] = dt.datetime.fromtimestamp(mtime, dt.timezone.utc).isoformat(
+            timespec="seconds")
+    report = _read_json(run_dir / "layers.json") or {}
+    layers = [{"run_id": row["run_id"], "position": i, **{k: lay.get(k) for k in
+              ("name", "numel", "kept", "density", "effective")}}
+              for i, lay in enumerate(report.get("layers", []))]
+    return row, layers
+
+
+def upsert(conn: sqlite3.Connection, row: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    """Insert or replace one run and its layers, in one transaction."""
+    known = columns()
+    row = {k: _sql(v) for k, v in row.items() if k in known}
+    with conn:
+        conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(row)}) "
+                     f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        conn.execute("DELETE FROM layers WHERE run_id = ?", (row["run_id"],))
+        conn.executemany("INSERT INTO layers VALUES (:run_id, :position, :name, :numel, :kept, "
+                         ":density, :effective)", layers)
+
+
+def index_run(conn: sqlite3.Connection, run_dir: str | Path) -> dict[str, Any] | None:
+    """(Re)index one run directory; return its row."""
+    found = row_from_dir(run_dir)
+    if found is None:
+        return None
+    upsert(conn, *found)
+    return found[0]
+
+
+def run_dirs(root: str | Path) -> list[Path]:
+    """Run directories under ``root``: sub-directories holding a ``config.json``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name[0] not in "._" and (p / "config.json").exists())
+
+
+def index_dir(conn: sqlite3.Connection, root: str | Path) -> int:
+    """Rebuild the index of every run directory under ``root``; drop rows whose directory is
+    gone. Returns the number of runs indexed."""
+    dirs = run_dirs(root)
+    rows = [r for r in (row_from_dir(d) for d in dirs) if r is not None]
+    for row, layers in rows:
+        upsert(conn, row, layers)
+    names = {d.name for d in dirs}
+    with conn:
+        for r in conn.execute("SELECT run_id, run_dir FROM runs").fetchall():
+            if r["run_dir"] not in names:
+                conn.execute("DELETE FROM runs WHERE run_id = ?", (r["run_id"],))
+                conn.execute("DELETE FROM layers WHERE run_id = ?", (r["run_id"],))
+    return len(rows)
+
+
+def open_index(root: str | Path, *, refresh: bool = False) -> sqlite3.Connection:
+    """The database of ``root``: its ``results.sqlite``, or an in-memory index when ``root`` is
+    not writable. It is rebuilt first with ``refresh``, when missing, or when the finished run
+    directories on disk are not exactly the finished rows (runs added or removed since)."""
+    root = Path(root)
+    try:
+        conn = connect(root / DB_NAME)
+    except sqlite3.OperationalError:
+        conn, refresh = connect(":memory:"), True
+    on_disk = {d.name for d in run_dirs(root) if (d / "result.json").exists()}
+    indexed = {r["run_dir"] for r in conn.execute(
+        "SELECT run_dir FROM runs WHERE status = 'finished'")}
+    if refresh or on_disk != indexed:
+        index_dir(conn, root)
+    return conn
+
+
+def record_failure(run_dir: str | Path, cfg: C.RunConfig, error: str,
+                   traceback: str | None = None) -> None:
+    """Leave ``error.json`` in a run directory (cleared when the run is tried again), and its
+    ``config.json`` if the run died before writing one, so the failure survives a rebuild."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.json").exists():
+        io.atomic_write_json(run_dir / "config.json", {"run_id": cfg.run_id(),
+                                                       "label": cfg.label(), **cfg.to_dict()})
+    io.atomic_write_json(run_dir / ERROR, {"error": error, "traceback": traceback,
+                                           "time": _now()})
+
+
+def clear_failure(run_dir: str | Path) -> None:
+    (Path(run_dir) / ERROR).unlink(missing_ok=True)
+
+
+def fetch(conn: sqlite3.Connection, status: str | None = "finished") -> list[dict[str, Any]]:
+    """Rows of ``runs`` (all statuses with ``status=None``), lists decoded, by run id."""
+    query = "SELECT * FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY run_id"
+    rows = conn.execute(query, (status,) if status else ()).fetchall()
+    kinds = setting_kinds()
+    listy = [k for k, kind in kinds.items() if kind is tuple] + ["collapsed_names"]
+    flags = [k for k, kind in kinds.items() if kind is bool]
+    for row in rows:
+        for key in listy:
+            if isinstance(row.get(key), str):
+                row[key] = json.loads(row[key])
+        for key in flags:
+            if row.get(key) is not None:
+                row[key] = bool(row[key])
+    return rows
+
+
+def setting_kinds() -> dict[str, type]:
+    """Every flat setting → its Python type (``tuple`` for list-typed settings)."""
+    out = {}
+    for name, (section, _) in C.flat_fields().items():
+        kind = C.field_type(section, name)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        out[name] = tuple if typing.get_origin(kind) is tuple else kind
+    return out
+
+
+def fetch_layers(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
+    """``run_id → [layer rows in model order]``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in conn.execute("SELECT * FROM layers ORDER BY run_id, position"):
+        out.setdefault(row["run_id"], []).append(row)
+    return out
