@@ -72,11 +72,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
     if (out / RESULT).exists():
         say(f"already finished: {out / RESULT}")
         return json.loads((out / RESULT).read_text())
-    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # left by a killed write; the files they were to replace are intact
     device = resolve_device(cfg.device)
-    io.atomic_write_json(out / "config.json", {"run_id": cfg.run_id(), "label": cfg.label(),
-                                               **cfg.to_dict()})
-    io.atomic_write_json(out / "provenance.json", provenance(device))
 
     ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
     train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
@@ -85,10 +82,12 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
     model = initial_model(cfg, ds, device, cache=Path(cfg.out) / "_cache")
     warm_seconds = warm_up(cfg, model, loaders, device, cache=Path(cfg.out) / "_cache", say=say)
 
+    # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, ds, train_idx, model, device, out, say)
-    if cfg.prune.sanity == "shuffle":
-        masks = shuffle_masks(masks, seed=cfg.seed)
-    elif cfg.prune.sanity == "reinit":
+    io.atomic_write_json(out / "config.json", {"run_id": cfg.run_id(), "label": cfg.label(),
+                                               **cfg.to_dict()})
+    io.atomic_write_json(out / "provenance.json", provenance(device))
+    if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
     io.atomic_write_json(out / "layers.json", report.to_dict())
@@ -128,6 +127,13 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
     say(f"best validation accuracy {_pct(result['best_val_acc'])} (epoch {best_epoch}); "
         f"test accuracy {_pct(test_acc)}  →  {out}")
     return result
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Delete the hidden temporary files of atomic writes that a killed process left in ``out``."""
+    if out.is_dir():
+        for tmp in out.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
 
 
 def _pct(x: float | None) -> str:
@@ -246,8 +252,12 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
         say(f"scored {len(idx)} samples in {len(batches)} batches with {p.criterion} "
             f"in {seconds:.2f}s")
     masks = {n: m.cpu() for n, m in masks.items()}
-    io.save_masks(path, masks)
+    if p.sanity == "shuffle":  # stored shuffled: the file holds the mask that is trained
+        masks = shuffle_masks(masks, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    # masks.safetensors last: its existence is what marks this stage done (see above).
     io.atomic_write_json(out / "masks.json", {"score_seconds": seconds})
+    io.save_masks(path, masks)
     return masks, seconds
 
 
@@ -256,7 +266,8 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         show_progress: bool, say: Callable[[str], None]) -> tuple[list[EpochMetrics], int]:
     """Masked training with a fresh optimizer; resumes from the last finished epoch.
 
-    Keeps the best-validation weights (``best.safetensors``) and loads them into ``model``
+    Keeps the best-validation weights (``best.safetensors``; the last epoch's without a
+    validation split, the pruned initialization for 0 epochs) and loads them into ``model``
     at the end; returns the per-epoch history and the best epoch (1-based; 0 = no training).
     """
     t = cfg.train
@@ -277,15 +288,18 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         val = evaluate(model, loaders["val"], device=device) if "val" in loaders else (None, None)
         metrics = EpochMetrics(epoch + 1, lr_at(epoch, t), train_loss, train_acc, *val, elapsed())
         history.append(metrics)
-        if best is None or (metrics.val_acc or -1) > (best.val_acc or -1):
+        # Without a validation split the stored weights are the last epoch's (the ones tested).
+        if best is None or (metrics.val_acc or -1) > (best.val_acc or -1) or "val" not in loaders:
             best = metrics
             io.save_state(out / "best.safetensors", model)
         save_checkpoint(out, model, optimizer, history)
         say(f"epoch {metrics.epoch:3d}/{t.epochs}  loss {train_loss:.4f}  train {_pct(train_acc)}"
             f"  val {_pct(metrics.val_acc)}  lr {metrics.lr:.4g}  {metrics.seconds:.1f}s")
-    if best is not None and "val" in loaders:
+    if best is None:  # no training (epochs 0): store the pruned initialization that is tested
+        io.save_state(out / "best.safetensors", model)
+    elif "val" in loaders:
         model.load_state_dict(io.load_state(out / "best.safetensors"))
-    elif best is not None:  # no validation split: the last epoch, never a test-set choice
+    else:  # no validation split: the last epoch, never a test-set choice
         best = history[-1]
     return history, (best.epoch if best else 0)
 

@@ -117,8 +117,10 @@ def bn_warmup_(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> nn
     """Refresh BatchNorm running statistics: one train-mode pass, no gradients, no updates.
 
     The batch-norm-statistics warm-up of Gollini Navarrete et al. (arXiv 2502.11450). Momentum
-    is set to None (cumulative average) during the pass so the result is the exact mean over
-    the pass, independent of the number of batches; the caller's flags are restored.
+    is set to None (cumulative average) during the pass, so the running statistics are the
+    plain average of the per-batch statistics (every batch weighted equally, the last partial
+    one included), independent of the previous values and of the default momentum 0.1; the
+    caller's flags are restored.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
