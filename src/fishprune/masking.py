@@ -46,12 +46,19 @@ class Masker:
     (momentum or weight-decay term included) ever sees a pruned gradient, and
     :meth:`mask_weights_` after the step, which guards against optimizer state that was not
     reset at pruning time. Both are single multi-tensor multiplications.
+
+    With an optimizer created after pruning, masking the gradients alone is exact (a zero
+    weight with a zero gradient gets a zero update from SGD with momentum and weight decay, Adam
+    and AdamW); ``guard=False`` records that the caller relies on this and skips the weight
+    multiplication (about 3% of a LeNet-300-100 step on a CPU). :meth:`violations` counts
+    pruned weights that are not exactly zero, for a cheap per-epoch check.
     """
 
-    def __init__(self, model: nn.Module, masks: dict[str, Tensor]) -> None:
+    def __init__(self, model: nn.Module, masks: dict[str, Tensor], *, guard: bool = True) -> None:
         pairs = _check(model, masks)
         self.params = [p for p, _ in pairs.values()]
         self.masks = [m.to(p.dtype) for p, m in pairs.values()]
+        self.guard = guard
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
@@ -63,3 +70,8 @@ class Masker:
     @torch.no_grad()
     def mask_weights_(self) -> None:
         torch._foreach_mul_(self.params, self.masks)
+
+    @torch.no_grad()
+    def violations(self) -> int:
+        """Number of pruned weights that are not exactly zero (0 when all is well)."""
+        return sum(int(((p != 0) & (m == 0)).sum()) for p, m in zip(self.params, self.masks))

@@ -83,7 +83,7 @@ def train_epoch(
         if masker is not None:
             masker.mask_grads_()
         optimizer.step()
-        if masker is not None:
+        if masker is not None and masker.guard:
             masker.mask_weights_()
         n = targets.shape[0]
         loss_sum += loss.detach() * n  # accumulated on device: no sync per step
