@@ -184,3 +184,15 @@ def test_unknown_init_raises_with_choices() -> None:
 def test_invalid_shapes_raise(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         build_model("lenet5", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16", "vgg19"])
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_vgg_last_stage_sees_2x2_maps(name: str, channels: int, size: int) -> None:
+    """28-px inputs are padded to 32 so no last-stage kernel tap sees only padding."""
+    model = build_model(name, in_channels=channels, image_size=size, width=0.0625)
+    shapes = []
+    last_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    last_conv.register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape[-2:])))
+    model(torch.zeros(2, channels, size, size))
+    assert shapes == [(2, 2)]

@@ -6,6 +6,7 @@
 
 from fishprune._version import __version__
 from fishprune.criteria import criteria
+from fishprune.io import export, load_pruned
 from fishprune.masking import Masker, apply_masks
 from fishprune.params import prunable_parameters
 from fishprune.schedule import prune
@@ -18,7 +19,9 @@ __all__ = [
     "apply_masks",
     "criteria",
     "density_of",
+    "export",
     "layer_densities",
+    "load_pruned",
     "prunable_parameters",
     "prune",
     "score",

@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules that add subcommands: each has ``add_cli(subparsers)``.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = (
+    "fishprune.analyze", "fishprune.exporting", "fishprune.sweep", "fishprune.report",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,7 +67,9 @@ class CollapseReport:
         lines = [f"{'layer':<40} {'weights':>10} {'kept':>9} {'density':>8}"]
         for lay in self.layers:
             flag = "  EMPTY" if lay.kept == 0 else ("  CUT OFF" if lay.effective == 0 else "")
-            lines.append(f"{lay.name:<40} {lay.numel:>10,} {lay.kept:>9,} {lay.density:>8.2%}{flag}")
+            lines.append(
+                f"{lay.name:<40} {lay.numel:>10,} {lay.kept:>9,} {lay.density:>8.2%}{flag}"
+            )
         total = sum(lay.numel for lay in self.layers)
         kept = sum(lay.kept for lay in self.layers)
         lines.append(f"{'total':<40} {total:>10,} {kept:>9,} {kept / max(total, 1):>8.2%}")

@@ -4,9 +4,11 @@ Layout follows the CIFAR VGG of open_lth / SynFlow (``lottery_vgg``) and GraSP: 
 configurations with 3×3 convs (pad 1) → BatchNorm → ReLU, max-pooling after the first four
 stages only, then a 2×2 average pool and a single ``Linear(512, num_classes)`` classifier.
 
-Deliberate change for 28-pixel inputs: the final average pool is ``AdaptiveAvgPool2d(1)``
-instead of ``AvgPool2d(2)``. At 32 px the last stage is 2×2 and both pools are identical; at
-28 px the four max-pools give 28 → 14 → 7 → 3, and the adaptive pool averages the 3×3 map.
+28-pixel inputs are zero-padded to 32 × 32 (2 pixels a side) before the first conv, so the
+geometry is exactly the CIFAR one: 32 → 16 → 8 → 4 → 2, the last stage on 2×2 maps. Without
+it the fourth max-pool leaves 1×1 maps (28 → 14 → 7 → 3 → 1) on which 8 of the 9 taps of every
+last-stage kernel see only padding, get zero gradient, and score 0 for every data-dependent
+criterion. The final pool is ``AdaptiveAvgPool2d(1)`` (identical to ``AvgPool2d(2)`` here).
 The parameter count therefore does not depend on the image size.
 
 Parameters (3×32×32, 10 classes, width 1): vgg11 9,231,114; vgg16 14,728,266;
@@ -16,6 +18,7 @@ vgg19 20,040,522.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fishprune.models._common import check_input, scale_width
 
@@ -33,9 +36,15 @@ class VGG(nn.Module):
     """VGG feature extractor (``features``), global average pool and one linear ``classifier``."""
 
     def __init__(
-        self, config: list[int | str], in_channels: int, num_classes: int, width: float = 1.0
+        self,
+        config: list[int | str],
+        in_channels: int,
+        num_classes: int,
+        width: float = 1.0,
+        image_size: int = 32,
     ) -> None:
         super().__init__()
+        self.input_padding = (32 - image_size) // 2
         layers: list[nn.Module] = []
         channels = in_channels
         for spec in config:
@@ -54,12 +63,14 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_padding:
+            x = F.pad(x, [self.input_padding] * 4)
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
 def _vgg(name: str, in_channels: int, num_classes: int, image_size: int, width: float) -> VGG:
     check_input(in_channels, image_size)
-    return VGG(CONFIGS[name], in_channels, num_classes, width)
+    return VGG(CONFIGS[name], in_channels, num_classes, width, image_size)
 
 
 def vgg11(*, in_channels: int, num_classes: int, image_size: int, width: float) -> nn.Module:
