@@ -245,21 +245,15 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     the training settings other than warm-up are not used). Nothing is trained except a
     configured warm-up, which is cached in ``<out>/_cache`` and shared with ``fishprune run``.
     """
-    from fishprune.data import load_dataset, stratified_split
-    from fishprune.pipeline import initial_model, make_loaders, resolve_device, warm_up
+    from fishprune.pipeline import prepare
     from fishprune.train import timed
 
     say = say or (lambda _msg: None)
     cfg.validate()
     sparsities = sorted(set(validate_sparsities(sparsities)))
     p = cfg.prune
-    device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
-    loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
-    cache = Path(cfg.out) / "_cache"
-    model = initial_model(cfg, ds, device, cache=cache)
-    warm_up(cfg, model, loaders, device, cache=cache, say=say)
+    prep = prepare(cfg, say)
+    ds, train_idx, model, device = prep.ds, prep.train_idx, prep.model, prep.device
     input_shape = tuple(ds.train_x.shape[1:])
     batches = scoring_batches(cfg, ds, train_idx, device)
     common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude,

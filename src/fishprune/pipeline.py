@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,10 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
         say(f"already finished: {out / RESULT}")
         return json.loads((out / RESULT).read_text())
     remove_stale_temps(out)  # left by a killed write; the files they were to replace are intact
-    device = resolve_device(cfg.device)
-
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
-    loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
-
-    model = initial_model(cfg, ds, device, cache=Path(cfg.out) / "_cache")
-    warm_seconds = warm_up(cfg, model, loaders, device, cache=Path(cfg.out) / "_cache", say=say)
+    prep = prepare(cfg, say)
+    ds, train_idx, loaders, model, device = (prep.ds, prep.train_idx, prep.loaders, prep.model,
+                                             prep.device)
+    warm_seconds = prep.warmup_seconds
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, ds, train_idx, model, device, out, say)
@@ -92,7 +88,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
     io.atomic_write_json(out / "layers.json", report.to_dict())
     say(report.table())
-    if report.collapsed and cfg.prune.on_collapse != "ignore":
+    if (report.collapsed or report.disconnected) and cfg.prune.on_collapse != "ignore":
         message = report.warning()
         if cfg.prune.on_collapse == "error":
             raise CollapseError(message)
@@ -170,12 +166,55 @@ def fresh_model(cfg: RunConfig, ds: DatasetTensors, *, seed: int) -> nn.Module:
                        image_size=ds.image_size, width=cfg.model.width, init=cfg.model.init)
 
 
-def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device, *, cache: Path
-                  ) -> nn.Module:
+def cache_dir(cfg: RunConfig) -> Path:
+    """Where work shared by several runs (initializations, warm-ups) is cached."""
+    return Path(cfg.out) / "_cache"
+
+
+def init_path(cfg: RunConfig, ds: DatasetTensors) -> Path:
+    """The cached initialization: one per (model settings, input shape, classes, seed)."""
+    key = _key(asdict(cfg.model), ds.in_channels, ds.num_classes, ds.image_size, cfg.seed)
+    return cache_dir(cfg) / f"init-{key}.safetensors"
+
+
+def warmup_path(cfg: RunConfig, device: torch.device) -> Path:
+    """The cached warm-up: keyed by everything that changes it (not the number of epochs
+    trained after pruning, nor where the data lives)."""
+    data = {k: v for k, v in asdict(cfg.data).items() if k != "data_dir"}
+    train = {k: v for k, v in asdict(cfg.train).items() if k != "epochs"}
+    key = _key(asdict(cfg.model), data, asdict(cfg.warmup), train, cfg.seed, device.type)
+    return cache_dir(cfg) / f"warmup-{key}.safetensors"
+
+
+@dataclass
+class Prepared:
+    """Everything before scoring: data, split, loaders, and the (warmed-up) model."""
+
+    ds: DatasetTensors
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    loaders: dict[str, TensorBatches]
+    model: nn.Module
+    device: torch.device
+    warmup_seconds: float
+
+
+def prepare(cfg: RunConfig, say: Callable[[str], None] = lambda _m: None) -> Prepared:
+    """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
+    loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
+    model = initial_model(cfg, ds, device)
+    seconds = warm_up(cfg, model, loaders, device, say=say)
+    return Prepared(ds, train_idx, val_idx, loaders, model, device, seconds)
+
+
+def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> nn.Module:
     """The seeded initialization, cached per (model, input shape, seed) for every run sharing it."""
     model = fresh_model(cfg, ds, seed=cfg.seed)
-    key = _key(asdict(cfg.model), ds.in_channels, ds.num_classes, ds.image_size, cfg.seed)
-    path = cache / f"init-{key}.safetensors"
+    path = init_path(cfg, ds)
+    cache = path.parent
     if path.exists():
         model.load_state_dict(io.load_state(path))
     else:
@@ -188,18 +227,20 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device, *, c
 
 
 def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
-            device: torch.device, *, cache: Path, say: Callable[[str], None]) -> float:
-    """Dense warm-up epochs and/or the BN-statistics pass, in place; cached like the init."""
+            device: torch.device, *, say: Callable[[str], None]) -> float:
+    """Dense warm-up epochs and/or the BN-statistics pass, in place; cached like the init.
+
+    Returns the seconds the warm-up took (also when it is loaded from the cache, where the
+    time of the run that computed it is stored).
+    """
     w = cfg.warmup
     if w.warmup_epochs == 0 and not w.bn_warmup:
         return 0.0
-    key = _key(asdict(cfg.model), asdict(cfg.data), asdict(w), asdict(cfg.train), cfg.seed,
-               str(device.type))
-    path = cache / f"warmup-{key}.safetensors"
+    path = warmup_path(cfg, device)
     if path.exists():
         model.load_state_dict(io.load_state(path))
         say(f"warm-up loaded from {path}")
-        return 0.0
+        return float(io.read_metadata(path).get("seconds", 0.0))
     with timed() as elapsed:
         if w.warmup_epochs:
             optimizer = make_optimizer(model, cfg.train)  # discarded afterwards: no momentum leaks
@@ -211,7 +252,7 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
             bn_warmup_(model, loaders["train_plain"])
-    io.save_state(path, model)
+    io.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
     return elapsed()
 

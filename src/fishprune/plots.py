@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -106,22 +106,21 @@ def layer_density(lt: LayerTable, stem: Path) -> list[Path]:
 
 def scoring_weights(root: Path, run: dict[str, Any]) -> dict[str, Any] | None:
     """The weights that were scored: the pipeline's cached warm-up or init (None: not found)."""
+    import torch
+
     from fishprune.data import load_dataset
-    from fishprune.pipeline import _key, fresh_model
+    from fishprune.pipeline import fresh_model, init_path, warmup_path
 
     raw = json.loads((root / run["run_dir"] / "config.json").read_text())
     cfg = C.from_dict({k: v for k, v in raw.items() if k not in ("run_id", "label")})
-    cache = root / "_cache"
+    cfg = dataclasses.replace(cfg, out=str(root))
     w = cfg.warmup
     if w.warmup_epochs or w.bn_warmup:
-        device = str(run.get("device_used") or "cpu").split(":")[0]
-        key = _key(asdict(cfg.model), asdict(cfg.data), asdict(w), asdict(cfg.train), cfg.seed,
-                   device)
-        path = cache / f"warmup-{key}.safetensors"
+        device = torch.device(str(run.get("device_used") or "cpu").split(":")[0])
+        path = warmup_path(cfg, device)
         return io.load_state(path) if path.exists() else None
     ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    key = _key(asdict(cfg.model), ds.in_channels, ds.num_classes, ds.image_size, cfg.seed)
-    path = cache / f"init-{key}.safetensors"
+    path = init_path(cfg, ds)
     if path.exists():
         return io.load_state(path)
     return fresh_model(cfg, ds, seed=cfg.seed).state_dict()  # the init is deterministic

@@ -92,16 +92,9 @@ def plan(todo: list[C.RunConfig]) -> tuple[list[Task], dict[str, list[Task]], li
 
 def prepare(cfg: C.RunConfig) -> None:
     """Compute the seeded init and the warm-up of ``cfg`` into ``<out>/_cache`` (no training)."""
-    from fishprune import pipeline as P
-    from fishprune.data import load_dataset, stratified_split
+    from fishprune.pipeline import prepare as prepare_stages
 
-    device = P.resolve_device(cfg.device)
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
-    loaders = P.make_loaders(cfg, ds, train_idx, val_idx, device)
-    cache = Path(cfg.out) / "_cache"
-    model = P.initial_model(cfg, ds, device, cache=cache)
-    P.warm_up(cfg, model, loaders, device, cache=cache, say=lambda _m: None)
+    prepare_stages(cfg)
 
 
 def execute(kind: str, cfg: C.RunConfig, threads: int | None = None) -> dict[str, Any]:
