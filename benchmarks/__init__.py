@@ -1,0 +1,1 @@
+"""Speed benchmarks: ratios measured within one run (see BENCHMARKS.md), never timed unit tests."""
