@@ -25,7 +25,9 @@ run() {  # run <cure> <criteria...>
   done
 }
 # Which criteria collapse without a cure, then what each cure does for the main ones.
-run none random magnitude gn snip grasp fd fp fts fbss hd hp hts
-for cure in bn-warmup score-train warmup-1; do
+run none random magnitude gn snip grasp fd fp fts fbss
+run warmup-1 snip fts
+run none hd hp hts
+for cure in warmup-1 bn-warmup score-train; do
   run "$cure" snip fts hts grasp magnitude
 done
