@@ -245,7 +245,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     the training settings other than warm-up are not used). Nothing is trained except a
     configured warm-up, which is cached in ``<out>/_cache`` and shared with ``fishprune run``.
     """
-    from fishprune.pipeline import prepare
+    from fishprune.pipeline import prepare, scoring_batches
     from fishprune.train import timed
 
     say = say or (lambda _msg: None)
@@ -300,20 +300,6 @@ def validate_sparsities(sparsities: Sequence[float]) -> list[float]:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return out
-
-
-def scoring_batches(cfg: RunConfig, ds: Any, train_idx: Tensor, device: torch.device) -> Any:
-    """The scoring batches of ``cfg`` exactly as :func:`fishprune.pipeline.run` draws them."""
-    from fishprune.data import TensorBatches, scoring_indices
-    from fishprune.sanity import randomize_labels
-
-    p = cfg.prune
-    idx = scoring_indices(ds.train_y, p.score_samples, cfg.seed, indices=train_idx)
-    y = ds.train_y[idx]
-    if p.sanity == "random-labels":
-        y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
-    return TensorBatches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
-                         std=ds.std, device=device)
 
 
 def _cut_off(model: nn.Module, masks: dict[str, Tensor], input_shape: tuple[int, ...]

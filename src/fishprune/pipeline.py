@@ -257,6 +257,19 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
     return elapsed()
 
 
+def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
+                    device: torch.device) -> TensorBatches:
+    """The scoring data: a seeded subset of the training split (k per class, or all of it),
+    unshuffled and unaugmented, in batches of ``score_batch_size`` (the Fisher estimate)."""
+    p = cfg.prune
+    idx = scoring_indices(ds.train_y, p.score_samples, cfg.seed, indices=train_idx)
+    y = ds.train_y[idx]
+    if p.sanity == "random-labels":
+        y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
+    return TensorBatches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
+                         std=ds.std, device=device)
+
+
 def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
                   device: torch.device, out: Path, say: Callable[[str], None]
                   ) -> tuple[dict[str, torch.Tensor], float]:
@@ -270,12 +283,7 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in params.items()}
         seconds = 0.0
     else:
-        idx = scoring_indices(ds.train_y, p.score_samples, cfg.seed, indices=train_idx)
-        y = ds.train_y[idx]
-        if p.sanity == "random-labels":
-            y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
-        batches = TensorBatches(ds.train_x[idx], y, batch_size=p.score_batch_size,
-                                mean=ds.mean, std=ds.std, device=device)
+        batches = scoring_batches(cfg, ds, train_idx, device)
         saved = {n: w.detach().clone() for n, w in params.items()}
         common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude,
                   **p.criterion_options()}
@@ -290,7 +298,7 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
         with torch.no_grad():  # undo prune's zeroing: sanity checks may move the mask
             for n, w in params.items():
                 w.copy_(saved[n])
-        say(f"scored {len(idx)} samples in {len(batches)} batches with {p.criterion} "
+        say(f"scored {batches.num_samples} samples in {len(batches)} batches with {p.criterion} "
             f"in {seconds:.2f}s")
     masks = {n: m.cpu() for n, m in masks.items()}
     if p.sanity == "shuffle":  # stored shuffled: the file holds the mask that is trained
