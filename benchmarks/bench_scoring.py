@@ -263,14 +263,16 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "python": platform.python_version(), "cpu": cpu,
         "cpu_cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
         "device": str(device), "load_before": round(os.getloadavg()[0], 2),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "report")},
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
 
 
-def markdown(env: dict, args: argparse.Namespace, rows: list[dict], per_sample: list[dict],
-             synflow: list[dict]) -> str:
+def markdown(env: dict, rows: list[dict], per_sample: list[dict], synflow: list[dict]) -> str:
+    """The results as Markdown: a provenance header, then one table per section."""
+    args = argparse.Namespace(**env["settings"])
     out = [
         f"Command: `{env['command']}`  ",
         f"Date: {env['date']}; fishprune {env['fishprune']}, torch {env['torch']}, "
@@ -375,7 +377,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 repeat, 1×16 batch, 2 probes, 20 samples, 3 rounds")
-    p.add_argument("--out", help="also write the results as JSON to this path")
+    p.add_argument("--out", help="also write the results as JSON to this path (after each "
+                   "section, so an interrupted run keeps what it measured)")
+    p.add_argument("--report", metavar="JSON", help="print the Markdown of a saved --out file")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batches, args.batch_size, args.probes = 1, 1, 16, 2
@@ -392,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        print(markdown(saved["environment"], saved["criteria"], saved["per_sample"],
+                       saved["synflow_prune"]))
+        return
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
@@ -402,20 +412,26 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     per_sample: list[dict] = []
     synflow: list[dict] = []
+
+    def save() -> None:  # after every section, so that a long run killed midway keeps its results
+        env["total_s"] = round(time.perf_counter() - start, 1)
+        env["load_after"] = round(os.getloadavg()[0], 2)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"environment": env, "criteria": rows, "per_sample": per_sample,
+                           "synflow_prune": synflow}, f, indent=2)
+
     for spec in args.models:
         rows += bench_criteria(spec, args, device)
+        save()
         if args.per_sample:
             per_sample.append(bench_per_sample(spec, args, device))
+            save()
         if "synflow" in args.criteria:
             synflow.append(bench_synflow_prune(spec, args, device))
-    env["total_s"] = round(time.perf_counter() - start, 1)
-    env["load_after"] = round(os.getloadavg()[0], 2)
+            save()
     log(f"done in {env['total_s']} s")
-    print(markdown(env, args, rows, per_sample, synflow))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"environment": env, "criteria": rows, "per_sample": per_sample,
-                       "synflow_prune": synflow}, f, indent=2)
+    print(markdown(env, rows, per_sample, synflow))
 
 
 if __name__ == "__main__":
