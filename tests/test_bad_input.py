@@ -360,7 +360,7 @@ def test_export_of_corrupt_artifacts_exits_1(tmp_path: Path,
     cfg = C.build({"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 1,
                    "criterion": "snip", "out": str(tmp_path)})
     pipeline.run(cfg, show_progress=False)
-    run = pipeline.run_dir(cfg)
+    run = cfg.directory()
     exported = tmp_path / "model.safetensors"
     status = main(capsys, "export", str(run), "--out", str(exported))
     assert status == 0 and exported.exists()
@@ -503,7 +503,7 @@ def test_sigkilled_run_leaves_no_corrupt_file_and_resumes(tmp_path: Path) -> Non
     values = {"dataset": "synthetic", "model": "lenet300", "width": 0.25, "lr": 0.1,
               "epochs": epochs, "criterion": "snip", "sparsity": 0.9}
     killed = C.build({**values, "out": str(tmp_path / "killed")})
-    run = pipeline.run_dir(killed)
+    run = killed.directory()
     argv = [sys.executable, "-m", "fishprune", "run", "--quiet"]
     for key, value in values.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]

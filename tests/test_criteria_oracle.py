@@ -24,15 +24,6 @@ from fishprune.selection import kept_count
 GRADIENT_CRITERIA = ("gn", "snip", "fd", "fp", "fts", "fbss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads cost more than they save (and thrash on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def float64(model: nn.Module) -> nn.Module:
     return model.double().eval()
 

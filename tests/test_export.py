@@ -23,7 +23,7 @@ FAST: dict[str, Any] = {"dataset": "synthetic", "model": "lenet300", "width": 0.
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[C.RunConfig, dict, Path]:
     out = tmp_path_factory.mktemp("export")
     cfg = C.build({**FAST, "out": str(out)})
-    return cfg, pipeline.run(cfg, show_progress=False), pipeline.run_dir(cfg)
+    return cfg, pipeline.run(cfg, show_progress=False), cfg.directory()
 
 
 def test_top_level_names() -> None:
@@ -64,7 +64,7 @@ def test_export_of_a_shuffled_run_keeps_the_trained_mask(tmp_path: Path) -> None
     """The stored masks are the ones trained with, so the export loses no trained weight."""
     cfg = C.build({**FAST, "epochs": 1, "sanity": "shuffle", "out": str(tmp_path)})
     pipeline.run(cfg, show_progress=False)
-    run = pipeline.run_dir(cfg)
+    run = cfg.directory()
     model = rebuild_model(cfg)
     fp.load_pruned(model, export_run(run).path)
     best = io.load_state(run / "best.safetensors")

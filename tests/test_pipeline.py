@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,16 +71,6 @@ def assert_pruned_zero(state: dict[str, Tensor], masks: dict[str, Tensor]) -> No
         assert torch.count_nonzero(state[name][~mask]) == 0, name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine two threads
-    spinning against other processes make each run 20-60x slower (0.4 s vs 10+ s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Reference:
     """The shared uninterrupted FAST run."""
@@ -96,7 +86,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     cfg = make_cfg(tmp_path_factory.mktemp("reference"))
     messages: list[str] = []
     result = run_quiet(cfg, messages)
-    return Reference(cfg, result, pipeline.run_dir(cfg), messages)
+    return Reference(cfg, result, cfg.directory(), messages)
 
 
 class CallCounter:
@@ -182,7 +172,7 @@ def test_same_config_in_two_directories_is_identical(reference: Reference, tmp_p
     """Determinism: the same settings give the same masks, weights and accuracies."""
     result = run_quiet(make_cfg(tmp_path))
     assert without_timings(result) == without_timings(reference.result)
-    out = pipeline.run_dir(make_cfg(tmp_path))
+    out = make_cfg(tmp_path).directory()
     assert_states_equal(io.load_masks(out / "masks.safetensors"),
                         io.load_masks(reference.dir / "masks.safetensors"))
     assert_states_equal(io.load_state(out / "best.safetensors"),
@@ -217,7 +207,7 @@ def test_resume_after_kill_is_bit_identical(optimizer: str, tmp_path: Path,
         patch.setattr(pipeline, "train_epoch", CallCounter(pipeline.train_epoch, fail_on=2))
         with pytest.raises(RuntimeError, match="simulated kill"):
             run_quiet(killed)
-    out = pipeline.run_dir(killed)
+    out = killed.directory()
     assert (out / pipeline.CHECKPOINT).exists() and not (out / "result.json").exists()
     assert len(json.loads((out / "metrics.json").read_text())) == 1
 
@@ -230,7 +220,7 @@ def test_resume_after_kill_is_bit_identical(optimizer: str, tmp_path: Path,
 
     assert without_timings(resumed) == without_timings(uninterrupted)
     assert resumed["test_acc"] > 0.5
-    ref = pipeline.run_dir(clean)
+    ref = clean.directory()
     assert_states_equal(io.load_state(out / "best.safetensors"),
                         io.load_state(ref / "best.safetensors"))
     drop = [{k: v for k, v in m.items() if k != "seconds"}
@@ -269,7 +259,7 @@ def test_warmup_epoch_keeps_pruned_weights_zero_and_is_cached(
     the warm-up is stored in ``_cache`` and reused, with the same outcome as recomputing it."""
     first = make_cfg(tmp_path / "a", warmup_epochs=1)
     result = run_quiet(first)
-    out = pipeline.run_dir(first)
+    out = first.directory()
     masks = io.load_masks(out / "masks.safetensors")
     assert_pruned_zero(io.load_state(out / "best.safetensors"), masks)
     assert result["warmup_seconds"] > 0 and result["test_acc"] > 0.8
@@ -290,8 +280,8 @@ def test_warmup_epoch_keeps_pruned_weights_zero_and_is_cached(
     monkeypatch.undo()
     fresh = run_quiet(make_cfg(tmp_path / "b", warmup_epochs=1, sparsity=0.8))
     assert without_timings(fresh) == without_timings(reused)
-    a = pipeline.run_dir(make_cfg(tmp_path / "a", warmup_epochs=1, sparsity=0.8))
-    b = pipeline.run_dir(make_cfg(tmp_path / "b", warmup_epochs=1, sparsity=0.8))
+    a = make_cfg(tmp_path / "a", warmup_epochs=1, sparsity=0.8).directory()
+    b = make_cfg(tmp_path / "b", warmup_epochs=1, sparsity=0.8).directory()
     assert_states_equal(io.load_state(a / "best.safetensors"),
                         io.load_state(b / "best.safetensors"))
 
@@ -379,7 +369,7 @@ def test_best_checkpoint_is_chosen_on_validation(tmp_path: Path,
     assert len(spy.val_states) == 3 and len(spy.test_states) == 1
     assert result["best_epoch"] == 2 and result["best_val_acc"] == 0.9
     assert_states_equal(spy.test_states[0], spy.val_states[1])
-    out = pipeline.run_dir(make_cfg(tmp_path, val_fraction=0.3))
+    out = make_cfg(tmp_path, val_fraction=0.3).directory()
     assert_states_equal(io.load_state(out / "best.safetensors"), spy.val_states[1])
     epoch2, epoch3 = spy.val_states[1], spy.val_states[2]
     assert any(not torch.equal(epoch2[k], epoch3[k]) for k in epoch2)  # the choice matters
@@ -401,7 +391,7 @@ def test_without_validation_the_last_epoch_is_stored_and_tested(tmp_path: Path,
     result = run_quiet(cfg)
     assert len(seen) == 1  # the test set, once
     assert result["best_epoch"] == 3 and result["best_val_acc"] is None
-    assert_states_equal(io.load_state(pipeline.run_dir(cfg) / "best.safetensors"), seen[0])
+    assert_states_equal(io.load_state(cfg.directory() / "best.safetensors"), seen[0])
 
 
 # --------------------------------------------------------------------------- configuration
@@ -574,5 +564,5 @@ def test_fashion_mnist_lenet300_fts_learns(tmp_path: Path) -> None:
     result = run_quiet(cfg)
     assert result["kept"] == expected_kept(0.1, result["prunable"])
     assert result["test_acc"] > 0.8
-    masks = io.load_masks(pipeline.run_dir(cfg) / "masks.safetensors")
-    assert_pruned_zero(io.load_state(pipeline.run_dir(cfg) / "best.safetensors"), masks)
+    masks = io.load_masks(cfg.directory() / "masks.safetensors")
+    assert_pruned_zero(io.load_state(cfg.directory() / "best.safetensors"), masks)

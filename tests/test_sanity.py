@@ -118,7 +118,7 @@ def sanity_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dic
     for check in SANITY_CHECKS:
         cfg = C.build({**FAST, "sanity": check, "out": str(out)})
         result = pipeline.run(cfg, show_progress=False)
-        runs[check] = (result, pipeline.run_dir(cfg))
+        runs[check] = (result, cfg.directory())
     return runs
 
 

@@ -26,15 +26,6 @@ from fishprune.criteria._registry import REGISTRY, NoOptions
 INF = math.inf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads cost more than they save (and thrash on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expected_kept(sparsity: float, total: int) -> int:
     """round((1 − s) · N), halves up, in exact decimal arithmetic."""
     return math.floor((1 - Fraction(repr(sparsity))) * total + Fraction(1, 2))

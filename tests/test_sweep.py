@@ -51,17 +51,6 @@ criterion = "fts"
 """
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Compare sweeps at one torch thread, as the pool's workers on 2 cores run."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def db_rows(root: Path) -> dict[str, dict[str, Any]]:
     conn = db.connect(root / db.DB_NAME)
     try:
@@ -196,8 +185,7 @@ def test_sweep_indexes_skips_and_rebuilds(tmp_path):
         'criterion = "magnitude"\nseed = 0\n'
     sweep = load_sweep(write(tmp_path / "s.toml", toml), out=tmp_path / "sw")
     lines: list[str] = []
-    with one_thread():
-        counts = run_sweep(sweep, say=lines.append)
+    counts = run_sweep(sweep, say=lines.append)
     assert counts == {"finished": 10, "failed": 1}
     conn = db.connect(tmp_path / "sw" / db.DB_NAME)
     assert conn.execute("PRAGMA journal_mode").fetchone()["journal_mode"] == "wal"
@@ -222,8 +210,7 @@ def test_sweep_indexes_skips_and_rebuilds(tmp_path):
     # A rerun skips the finished runs (and tries the failed one again).
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").glob("*/result.json")}
     lines.clear()
-    with one_thread():
-        assert run_sweep(sweep, say=lines.append) == {"finished": 0, "failed": 1}
+    assert run_sweep(sweep, say=lines.append) == {"finished": 0, "failed": 1}
     assert "10 finished, 1 to run" in lines[0]
     assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").glob("*/result.json")}
 
@@ -258,8 +245,7 @@ def test_killed_sweep_resumes_to_the_same_database(tmp_path):
     """SIGKILL a 2-worker sweep after its first result; the resumed sweep's database equals
     that of an uninterrupted one (metrics and settings; not timings)."""
     cfg = write(tmp_path / "s.toml", TOML.format(epochs=3))
-    with one_thread():
-        run_sweep(load_sweep(cfg, out=tmp_path / "ref"), say=lambda _m: None)
+    run_sweep(load_sweep(cfg, out=tmp_path / "ref"), say=lambda _m: None)
     reference = db_rows(tmp_path / "ref")
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -287,8 +273,7 @@ def test_killed_sweep_resumes_to_the_same_database(tmp_path):
     assert 1 <= finished < len(reference)
 
     lines: list[str] = []
-    with one_thread():
-        counts = run_sweep(load_sweep(cfg, out=tmp_path / "run"), say=lines.append)
+    counts = run_sweep(load_sweep(cfg, out=tmp_path / "run"), say=lines.append)
     assert counts["failed"] == 0 and counts["finished"] == len(reference) - finished
     assert db_rows(tmp_path / "run") == reference
 
@@ -296,8 +281,7 @@ def test_killed_sweep_resumes_to_the_same_database(tmp_path):
 def test_ray_backend_matches_local(tmp_path):
     ray = pytest.importorskip("ray", reason="the ray backend needs `pip install ray`")
     cfg = write(tmp_path / "s.toml", TOML.format(epochs=1).replace('seed = [0, 1]', "seed = 0"))
-    with one_thread():
-        run_sweep(load_sweep(cfg, out=tmp_path / "local"), say=lambda _m: None)
+    run_sweep(load_sweep(cfg, out=tmp_path / "local"), say=lambda _m: None)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -201,6 +201,10 @@ class RunConfig:
         blob = json.dumps(diff, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def directory(self) -> Path:
+        """Where this run's artifacts go: ``<out>/<run_id>``."""
+        return Path(self.out) / self.run_id()
+
     def label(self) -> str:
         """A short human-readable name: model-dataset-criterion-sparsity-seed."""
         p = self.prune

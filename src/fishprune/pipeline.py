@@ -59,16 +59,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.out) / cfg.run_id()
-
-
 def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], None] | None = None
         ) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict."""
     say = echo or (lambda _msg: None)
     cfg.validate()
-    out = run_dir(cfg)
+    out = cfg.directory()
     if (out / RESULT).exists():
         say(f"already finished: {out / RESULT}")
         return json.loads((out / RESULT).read_text())

@@ -56,12 +56,8 @@ class Task:
     attempts: int = 0
 
 
-def run_dir(cfg: C.RunConfig) -> Path:
-    return Path(cfg.out) / cfg.run_id()
-
-
 def is_finished(cfg: C.RunConfig) -> bool:
-    return (run_dir(cfg) / "result.json").exists()
+    return (cfg.directory() / "result.json").exists()
 
 
 def warmup_group(cfg: C.RunConfig) -> str | None:
@@ -110,7 +106,7 @@ def execute(kind: str, cfg: C.RunConfig, threads: int | None = None) -> dict[str
         if kind == "prepare":
             prepare(cfg)
         else:
-            out = run_dir(cfg)
+            out = cfg.directory()
             out.mkdir(parents=True, exist_ok=True)
             with open(out / "run.log", "a", buffering=1) as log:
                 run(cfg, show_progress=False, echo=lambda m: print(m, file=log))
@@ -296,7 +292,7 @@ def drive(todo: list[C.RunConfig], backend: Any, conn: Any, say: Say) -> dict[st
             while len(in_flight) < backend.slots and (queues["prepare"] or queues["run"]):
                 task = (queues["prepare"] or queues["run"]).popleft()
                 if task.kind == "run":
-                    db.clear_failure(run_dir(task.cfg))
+                    db.clear_failure(task.cfg.directory())
                 in_flight[backend.submit(task)] = task
             for handle in backend.wait(list(in_flight)):
                 task = in_flight.pop(handle)
@@ -312,9 +308,9 @@ def drive(todo: list[C.RunConfig], backend: Any, conn: Any, say: Say) -> dict[st
                         say(f"shared warm-up for {task.cfg.label()} failed: {result['error']}")
                     continue
                 if not result["ok"]:
-                    db.record_failure(run_dir(task.cfg), task.cfg, result["error"],
+                    db.record_failure(task.cfg.directory(), task.cfg, result["error"],
                                       result.get("traceback"))
-                row = db.index_run(conn, run_dir(task.cfg)) or {}
+                row = db.index_run(conn, task.cfg.directory()) or {}
                 status = "finished" if row.get("status") == "finished" else "failed"
                 counts[status] += 1
                 n = counts["finished"] + counts["failed"]
@@ -357,7 +353,7 @@ def describe(sweep: Sweep) -> list[str]:
     """The dry-run listing: axes, then one line per run with its state."""
     lines = [f"axes: {k} = {', '.join(map(str, v))}" for k, v in sweep.axes.items()]
     for cfg in sweep.runs:
-        d = run_dir(cfg)
+        d = cfg.directory()
         state = ("finished" if is_finished(cfg) else "partial" if (d / "config.json").exists()
                  else "new")
         lines.append(f"  {cfg.run_id()}  {state:<8}  {cfg.label()}")
