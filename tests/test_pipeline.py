@@ -138,6 +138,7 @@ def test_library_run_stores_a_complete_result(reference: Reference) -> None:
     assert all(torch.count_nonzero(best[n][m]) > 0.9 * int(m.sum()) for n, m in masks.items())
 
     stored = json.loads((out / "config.json").read_text())
+    assert C.from_dict(stored) == cfg  # the derived run_id and label are ignored
     assert stored.pop("run_id") == cfg.run_id() and stored.pop("label") == cfg.label()
     assert C.from_dict(stored) == cfg
     provenance = json.loads((out / "provenance.json").read_text())

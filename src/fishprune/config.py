@@ -330,10 +330,17 @@ def flatten_table(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return flat
 
 
+#: Keys a run's ``config.json`` holds besides the settings: derived from them, never read back.
+DERIVED_KEYS = ("run_id", "label")
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output (``config.json``)."""
+    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output or a run's
+    ``config.json`` (whose derived ``run_id`` and ``label`` are ignored)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
+        if key in DERIVED_KEYS:
+            continue
         if key in SECTIONS:
             flat.update(value)
         else:

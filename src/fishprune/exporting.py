@@ -68,9 +68,8 @@ def run_config(run_dir: Path) -> C.RunConfig:
         raise RunDirError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise RunDirError(f"{path} does not hold a configuration object")
-    settings = {k: v for k, v in data.items() if k not in ("run_id", "label")}
     try:
-        return C.from_dict(settings)
+        return C.from_dict(data)
     except (C.ConfigError, TypeError) as err:
         raise RunDirError(f"{path}: {err}") from None
 

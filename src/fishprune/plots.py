@@ -112,7 +112,7 @@ def scoring_weights(root: Path, run: dict[str, Any]) -> dict[str, Any] | None:
     from fishprune.pipeline import fresh_model, init_path, warmup_path
 
     raw = json.loads((root / run["run_dir"] / "config.json").read_text())
-    cfg = C.from_dict({k: v for k, v in raw.items() if k not in ("run_id", "label")})
+    cfg = C.from_dict(raw)
     cfg = dataclasses.replace(cfg, out=str(root))
     w = cfg.warmup
     if w.warmup_epochs or w.bn_warmup:
