@@ -1,4 +1,6 @@
-"""Summarize results/q2-collapse/*/analysis.json (written by results/q2-collapse.sh) as Markdown.
+"""Summarize question 2 as Markdown: results/q2-collapse/*/analysis.json (written by
+results/q2-collapse.sh) and, when present, the trained runs of results/configs/q2-trained.toml
+(indexed in sweeps/q2-collapse/results.sqlite).
 
 python results/q2_table.py > results/q2-collapse/README.md
 """
@@ -6,9 +8,11 @@ python results/q2_table.py > results/q2-collapse/README.md
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent / "q2-collapse"
+TRAINED = Path(__file__).resolve().parent.parent / "sweeps" / "q2-collapse" / "results.sqlite"
 CURES = ["none", "bn-warmup", "score-train", "warmup-1"]
 CRITERIA = ["random", "magnitude", "gn", "snip", "grasp", "fd", "fp", "fts", "fbss", "hd", "hp",
             "hts"]
@@ -52,5 +56,39 @@ def main() -> None:
                   f"{'n/a' if conn is None else f'{conn:.4f}'} | {' | '.join(cells)} |")
 
 
+def cure_of(run: dict) -> str:
+    if run["warmup_epochs"]:
+        return f"warmup-{run['warmup_epochs']}"
+    if run["bn_warmup"]:
+        return "bn-warmup"
+    return "score-train" if run["score_mode"] == "train" else "none"
+
+
+def trained() -> None:
+    if not TRAINED.exists():
+        return
+    conn = sqlite3.connect(TRAINED)
+    conn.row_factory = sqlite3.Row
+    runs = [dict(r) for r in conn.execute("SELECT * FROM runs WHERE status = 'finished'")]
+    conn.close()
+    if not runs:
+        return
+    print("\n## Trained: accuracy after pruning with and without each cure\n")
+    print("`fishprune sweep results/configs/q2-trained.toml --workers 2` (then this script): "
+          f"{runs[0]['epochs']} epochs of SGD after pruning, seed {runs[0]['seed']}. Empty / cut "
+          "off: layers with no weight left / with weights but none on an input→output path, "
+          "as recorded by the run itself (`layers.json`).\n")
+    print("| criterion | sparsity | cure | empty | cut off | best val (%) | test (%) | "
+          "train time (s) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    order = {c: i for i, c in enumerate(CURES)}
+    for r in sorted(runs, key=lambda r: (r["criterion"], r["sparsity"],
+                                          order.get(cure_of(r), 99))):
+        print(f"| {r['criterion']} | {r['sparsity']:g} | {cure_of(r)} | {r['collapsed_layers']} | "
+              f"{r['disconnected_layers']} | {100 * r['best_val_acc']:.2f} | "
+              f"{100 * r['test_acc']:.2f} | {r['train_seconds']:.0f} |")
+
+
 if __name__ == "__main__":
     main()
+    trained()
