@@ -507,8 +507,11 @@ def test_sigkilled_run_leaves_no_corrupt_file_and_resumes(tmp_path: Path) -> Non
     argv = [sys.executable, "-m", "fishprune", "run", "--quiet"]
     for key, value in values.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
+    # The killed process trains its first epoch with as many threads as the in-process runs
+    # below (conftest: 1), so that the float reductions and hence the results are the same.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([*argv, "--out", killed.out], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 240
         while not (run / pipeline.CHECKPOINT).exists():

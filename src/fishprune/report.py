@@ -114,8 +114,15 @@ class Table:
                            *(warm or ["no warm-up"]), *rest])
 
     def slug(self) -> str:
-        text = "-".join(f"{_show(v)}" for v in self.settings.values())
-        short = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
+        """A file-name stem: readable (``lenet300-fashion-mnist-warmup1-score-batch-size100``)
+        and unique (a hash of every setting)."""
+        s = self.settings
+        parts = [str(s.get("model")), str(s.get("dataset"))]
+        parts += [f"warmup{s['warmup_epochs']}"] if s.get("warmup_epochs") else []
+        parts += ["bnwarmup"] if s.get("bn_warmup") else []
+        parts += [f"{k}{_show(v)}" for k, v in s.items() if k not in TITLE_KEYS]
+        short = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(parts)).strip("-")[:60]
+        text = "-".join(f"{_show(v)}" for v in s.values())
         return f"{short}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
     def text(self, s: Stat | None) -> str:
