@@ -14,7 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fishprune import io
+from fishprune import tensorfiles as tf
 from fishprune.criteria import criteria
 
 
@@ -33,7 +33,7 @@ def main(root: Path, reference: str = "fts") -> None:
 
     def masks(run_dir: str) -> dict:
         if run_dir not in cache:
-            cache[run_dir] = io.load_masks(root / run_dir / "masks.safetensors")
+            cache[run_dir] = tf.load_masks(root / run_dir / "masks.safetensors")
         return cache[run_dir]
 
     print(f"Share of {reference.upper()}'s kept weights also kept by each criterion (%), mean "

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import fishprune as fp
-from fishprune import io
-from fishprune.config import from_dict
+from fishprune import tensorfiles as tf
 from fishprune.pipeline import prepare, scoring_batches
+from fishprune.settings import from_dict
 
 
 def load_runs(root: Path) -> list[dict]:
@@ -75,8 +75,8 @@ def mask_table(root: Path, runs: list[dict], sizes: list[int], sparsities: list[
                 ref, other = by_key.get((seed, s, sizes[0])), by_key.get((seed, s, b))
                 if ref is None or other is None:
                     continue
-                m1 = io.load_masks(root / ref["run_dir"] / "masks.safetensors")
-                mb = io.load_masks(root / other["run_dir"] / "masks.safetensors")
+                m1 = tf.load_masks(root / ref["run_dir"] / "masks.safetensors")
+                mb = tf.load_masks(root / other["run_dir"] / "masks.safetensors")
                 moved = sum(int((mb[k] & ~m1[k]).sum()) for k in m1)
                 shares.append(100 * moved / sum(int(m.sum()) for m in m1.values()))
             cells.append(f"{statistics.fmean(shares):.2f} ({min(shares):.2f}–{max(shares):.2f})"

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import fishprune as fp
 from fishprune import analyze as A
 from fishprune import cli, pipeline
-from fishprune import config as C
+from fishprune import settings as S
 from fishprune.collapse import collapse_report
 from fishprune.selection import kept_count
 
@@ -139,10 +139,10 @@ def test_analyze_agrees_with_the_pipeline(analyzed: tuple[Path, dict[str, Any]],
     _, result = analyzed
     total = result["total"]
     k = round((1 - result["critical"]) * total)
-    at = pipeline.run(C.build({**FAST, "sparsity": result["critical"], "out": str(tmp_path)}),
+    at = pipeline.run(S.build({**FAST, "sparsity": result["critical"], "out": str(tmp_path)}),
                       show_progress=False)
     assert at["kept"] == k and at["collapsed_layers"] == []
-    beyond = pipeline.run(C.build({**FAST, "sparsity": 1 - (k - 1) / total,
+    beyond = pipeline.run(S.build({**FAST, "sparsity": 1 - (k - 1) / total,
                                    "out": str(tmp_path)}), show_progress=False)
     assert beyond["kept"] == k - 1
     assert beyond["collapsed_layers"] == [result["limiting_layer"]]
@@ -160,14 +160,14 @@ def test_analyze_table_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
 
 
 def test_analyze_iterative_criterion_reprunes(tmp_path: Path) -> None:
-    cfg = C.build({**FAST, "criterion": "synflow", "rounds": 3, "out": str(tmp_path)})
+    cfg = S.build({**FAST, "criterion": "synflow", "rounds": 3, "out": str(tmp_path)})
     result = A.analyze(cfg, [0.5, 0.9], resolution=0.05)
     assert result.iterative and result.resolution == 0.05
     assert result.notes and "3 rounds" in result.notes[0]
     assert 0 < result.critical <= result.max_sparsity
     assert result.numel == {"fc1.weight": 784 * 75, "fc2.weight": 75 * 25, "fc3.weight": 250}
     assert result.densities["fc1.weight"][0] < 1  # pruned at 0.5
-    one_shot = A.analyze(C.build({**FAST, "criterion": "synflow", "rounds": 1,
+    one_shot = A.analyze(S.build({**FAST, "criterion": "synflow", "rounds": 1,
                                   "out": str(tmp_path)}), [0.5])
     assert not one_shot.iterative and one_shot.resolution is None
 
@@ -177,6 +177,6 @@ def test_warmup_cures_snip_collapse_on_vgg19_synthetic(tmp_path: Path) -> None:
     """The FTS paper's observation in miniature: deep VGG + BN collapses sooner without warm-up."""
     base = {"dataset": "synthetic", "model": "vgg19", "width": 0.25, "criterion": "snip",
             "lr": 0.05, "out": str(tmp_path)}
-    cold = A.analyze(C.build(base), [0.9])
-    warm = A.analyze(C.build({**base, "warmup_epochs": 1}), [0.9])
+    cold = A.analyze(S.build(base), [0.9])
+    warm = A.analyze(S.build({**base, "warmup_epochs": 1}), [0.9])
     assert warm.critical > cold.critical

@@ -31,10 +31,14 @@ from safetensors import safe_open
 from torch import nn
 
 import fishprune as fp
-from fishprune import cli, io, pipeline
+from fishprune import cli, pipeline
 from fishprune import config as C
+from fishprune import settings as S
+from fishprune import tensorfiles as tf
+from fishprune.cli import flags
 from fishprune.data import registry
 from fishprune.models import MODELS
+from fishprune.rundir import CHECKPOINT
 from fishprune.selection import kept_count
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -208,8 +212,8 @@ def test_cli_sparsity_parsing_property(value: float | str) -> None:
     text = value if isinstance(value, str) else repr(value)
     parser = cli.build_parser()
     try:
-        cfg = cli.settings_from(parser.parse_args(["run", f"--sparsity={text}"]))
-    except (cli.UsageError, C.ConfigError) as err:
+        cfg = flags.settings_from(parser.parse_args(["run", f"--sparsity={text}"]))
+    except (flags.UsageError, C.ConfigError) as err:
         assert "\n" not in str(err)
         return
     assert 0.0 <= cfg.prune.sparsity < 1.0
@@ -219,7 +223,7 @@ def test_cli_sparsity_parsing_property(value: float | str) -> None:
 @given(st.floats(allow_nan=True, allow_infinity=True))
 def test_config_sparsity_property(value: float) -> None:
     try:
-        cfg = C.build({"sparsity": value})
+        cfg = S.build({"sparsity": value})
     except C.ConfigError:
         assert math.isnan(value) or not 0.0 <= value < 1.0
         return
@@ -348,7 +352,7 @@ def test_export_failures_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "no config.json" in error_line(capsys, main(capsys, "export", str(tmp_path)), 1)
     (tmp_path / "config.json").write_text("{not json")
     assert "not valid JSON" in error_line(capsys, main(capsys, "export", str(tmp_path)), 1)
-    cfg = C.build({"dataset": "synthetic"})
+    cfg = S.build({"dataset": "synthetic"})
     (tmp_path / "config.json").write_text(json.dumps({"run_id": "x", **cfg.to_dict()}))
     assert "not finished" in error_line(capsys, main(capsys, "export", str(tmp_path)), 1)
     (tmp_path / "config.json").write_text(json.dumps({"prune": {"sparsity": 2.0}}))
@@ -357,7 +361,7 @@ def test_export_failures_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_export_of_corrupt_artifacts_exits_1(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = C.build({"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 1,
+    cfg = S.build({"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 1,
                    "criterion": "snip", "out": str(tmp_path)})
     pipeline.run(cfg, show_progress=False)
     run = cfg.directory()
@@ -502,7 +506,7 @@ def test_sigkilled_run_leaves_no_corrupt_file_and_resumes(tmp_path: Path) -> Non
     epochs = 6
     values = {"dataset": "synthetic", "model": "lenet300", "width": 0.25, "lr": 0.1,
               "epochs": epochs, "criterion": "snip", "sparsity": 0.9}
-    killed = C.build({**values, "out": str(tmp_path / "killed")})
+    killed = S.build({**values, "out": str(tmp_path / "killed")})
     run = killed.directory()
     argv = [sys.executable, "-m", "fishprune", "run", "--quiet"]
     for key, value in values.items():
@@ -514,7 +518,7 @@ def test_sigkilled_run_leaves_no_corrupt_file_and_resumes(tmp_path: Path) -> Non
                             stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 240
-        while not (run / pipeline.CHECKPOINT).exists():
+        while not (run / CHECKPOINT).exists():
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.002)
@@ -530,13 +534,13 @@ def test_sigkilled_run_leaves_no_corrupt_file_and_resumes(tmp_path: Path) -> Non
             json.loads(path.read_text())
         elif path.suffix == ".safetensors":
             assert_loads(path)
-    history = json.loads(io.read_metadata(run / pipeline.CHECKPOINT)["history"])
+    history = json.loads(tf.read_metadata(run / CHECKPOINT)["history"])
     assert 1 <= len(history) < epochs  # metrics.json, a copy written next, may lag one epoch
 
     (run / ".best.safetensors.0bad.tmp.safetensors").write_bytes(b"half")  # a stale temp file
     resumed = pipeline.run(killed, show_progress=False)
     assert resumed["epochs"] == epochs
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
-    clean = pipeline.run(C.build({**values, "out": str(tmp_path / "clean")}), show_progress=False)
+    clean = pipeline.run(S.build({**values, "out": str(tmp_path / "clean")}), show_progress=False)
     assert results_without_timings(resumed) == results_without_timings(clean)
     assert resumed["test_acc"] == clean["test_acc"]

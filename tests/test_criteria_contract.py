@@ -199,7 +199,9 @@ def vandal(model, params, batches, ctx, opts) -> dict:
 
 @pytest.mark.parametrize("start", ["train", "eval"])
 def test_score_restores_the_model_after_a_careless_criterion(start: str, monkeypatch) -> None:
-    monkeypatch.setitem(REGISTRY, "vandal", Criterion("vandal", vandal, NoOptions, True, 1, 1, "t"))
+    vandalism = Criterion(name="vandal", fn=vandal, options=NoOptions, data="batches", seeded=False,
+                          dtype=None, passes=1, default_rounds=1, summary="t")
+    monkeypatch.setitem(REGISTRY, "vandal", vandalism)
     model = build("resnet")
     dress(model, start)
     before = snapshot(model)
@@ -313,7 +315,8 @@ def test_unknown_option_lists_the_valid_ones() -> None:
         ("snip", {"per_sample": 1}, "per_sample .* must be bool"),
         ("fbss", {"damping": 0.0}, "damping must be a finite number > 0"),
         ("fbss", {"damping": math.nan}, "damping must be a finite number > 0"),
-        ("synflow", {"input_shape": [3, 4, 4]}, "input_shape .* must be tuple"),
+        ("synflow", {"input_shape": [3, 4.5, 4]}, "input_shape .* must be a list of int"),
+        ("synflow", {"input_shape": 3}, "input_shape .* must be a list of int"),
     ],
 )
 def test_bad_option_values(criterion: str, options: dict, message: str) -> None:

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import fishprune as fp
-from fishprune import cli, io, pipeline
+from fishprune import cli, exporting, pipeline
 from fishprune import config as C
+from fishprune import settings as S
+from fishprune import tensorfiles as tf
 from fishprune.data import TensorBatches, load_dataset
-from fishprune.exporting import EXPORTED, export_run, rebuild_model
+from fishprune.exporting import export_run, rebuild_model
+from fishprune.rundir import EXPORTED
 from fishprune.train import evaluate
 
 FAST: dict[str, Any] = {"dataset": "synthetic", "model": "lenet300", "width": 0.25, "lr": 0.1,
@@ -22,12 +25,12 @@ FAST: dict[str, Any] = {"dataset": "synthetic", "model": "lenet300", "width": 0.
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[C.RunConfig, dict, Path]:
     out = tmp_path_factory.mktemp("export")
-    cfg = C.build({**FAST, "out": str(out)})
+    cfg = S.build({**FAST, "out": str(out)})
     return cfg, pipeline.run(cfg, show_progress=False), cfg.directory()
 
 
 def test_top_level_names() -> None:
-    assert fp.export is io.export and fp.load_pruned is io.load_pruned
+    assert fp.export is exporting.export and fp.load_pruned is exporting.load_pruned
 
 
 def test_cli_export_round_trips(finished: tuple[C.RunConfig, dict, Path],
@@ -40,9 +43,9 @@ def test_cli_export_round_trips(finished: tuple[C.RunConfig, dict, Path],
 
     model = rebuild_model(cfg)
     masks = fp.load_pruned(model, run / EXPORTED)
-    stored = io.load_masks(run / "masks.safetensors")
+    stored = tf.load_masks(run / "masks.safetensors")
     assert all(torch.equal(masks[n], stored[n]) for n in stored)
-    best = io.load_state(run / "best.safetensors")
+    best = tf.load_state(run / "best.safetensors")
     state = model.state_dict()
     assert all(torch.equal(state[n], best[n]) for n in best)  # bit-identical to best weights
 
@@ -62,10 +65,10 @@ def test_export_to_chosen_file_is_smaller(finished: tuple[C.RunConfig, dict, Pat
 
 def test_export_of_a_shuffled_run_keeps_the_trained_mask(tmp_path: Path) -> None:
     """The stored masks are the ones trained with, so the export loses no trained weight."""
-    cfg = C.build({**FAST, "epochs": 1, "sanity": "shuffle", "out": str(tmp_path)})
+    cfg = S.build({**FAST, "epochs": 1, "sanity": "shuffle", "out": str(tmp_path)})
     pipeline.run(cfg, show_progress=False)
     run = cfg.directory()
     model = rebuild_model(cfg)
     fp.load_pruned(model, export_run(run).path)
-    best = io.load_state(run / "best.safetensors")
+    best = tf.load_state(run / "best.safetensors")
     assert all(torch.equal(v, best[n]) for n, v in model.state_dict().items())

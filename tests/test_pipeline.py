@@ -20,10 +20,14 @@ import torch
 from torch import Tensor, nn
 
 import fishprune as fp
-from fishprune import cli, io, pipeline
+from fishprune import atomic, cli, pipeline
 from fishprune import config as C
+from fishprune import settings as S
+from fishprune import tensorfiles as tf
+from fishprune.cli import flags
 from fishprune.data import TensorBatches, load_dataset, stratified_split
 from fishprune.models import build_model
+from fishprune.rundir import CHECKPOINT
 
 #: Settings under which the synthetic task is learned in about a second.
 FAST: dict[str, Any] = {
@@ -41,7 +45,7 @@ ARTIFACTS = ("config.json", "provenance.json", "layers.json", "masks.json", "mas
 
 def make_cfg(out: Path, **overrides: Any) -> C.RunConfig:
     """The FAST configuration writing into ``out``, with ``overrides``."""
-    return C.build({**FAST, "out": str(out), **overrides})
+    return S.build({**FAST, "out": str(out), **overrides})
 
 
 def run_quiet(cfg: C.RunConfig, messages: list[str] | None = None) -> dict[str, Any]:
@@ -110,7 +114,7 @@ def test_library_run_stores_a_complete_result(reference: Reference) -> None:
     out, result, cfg = reference.dir, reference.result, reference.cfg
     for name in ARTIFACTS:
         assert (out / name).is_file(), name
-    assert not (out / pipeline.CHECKPOINT).exists()  # superseded by the result
+    assert not (out / CHECKPOINT).exists()  # superseded by the result
 
     assert result == json.loads((out / "result.json").read_text())
     assert result["run_id"] == cfg.run_id() == out.name
@@ -122,7 +126,7 @@ def test_library_run_stores_a_complete_result(reference: Reference) -> None:
         assert isinstance(result[key], float) and result[key] >= 0
     assert result["warmup_seconds"] == 0.0
 
-    masks = io.load_masks(out / "masks.safetensors")
+    masks = tf.load_masks(out / "masks.safetensors")
     model = build_model("lenet300", width=0.25)
     assert set(masks) == set(fp.prunable_parameters(model))
     prunable = sum(m.numel() for m in masks.values())
@@ -132,15 +136,15 @@ def test_library_run_stores_a_complete_result(reference: Reference) -> None:
     assert result["kept"] == kept == expected_kept(0.1, prunable)
     assert result["density"] == pytest.approx(kept / prunable)
 
-    best = io.load_state(out / "best.safetensors")
+    best = tf.load_state(out / "best.safetensors")
     model.load_state_dict(best)  # a plain state_dict of the architecture
     assert_pruned_zero(best, masks)
     assert all(torch.count_nonzero(best[n][m]) > 0.9 * int(m.sum()) for n, m in masks.items())
 
     stored = json.loads((out / "config.json").read_text())
-    assert C.from_dict(stored) == cfg  # the derived run_id and label are ignored
+    assert S.from_dict(stored) == cfg  # the derived run_id and label are ignored
     assert stored.pop("run_id") == cfg.run_id() and stored.pop("label") == cfg.label()
-    assert C.from_dict(stored) == cfg
+    assert S.from_dict(stored) == cfg
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["torch"] == torch.__version__ and provenance["device"] == "cpu"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -174,10 +178,10 @@ def test_same_config_in_two_directories_is_identical(reference: Reference, tmp_p
     result = run_quiet(make_cfg(tmp_path))
     assert without_timings(result) == without_timings(reference.result)
     out = make_cfg(tmp_path).directory()
-    assert_states_equal(io.load_masks(out / "masks.safetensors"),
-                        io.load_masks(reference.dir / "masks.safetensors"))
-    assert_states_equal(io.load_state(out / "best.safetensors"),
-                        io.load_state(reference.dir / "best.safetensors"))
+    assert_states_equal(tf.load_masks(out / "masks.safetensors"),
+                        tf.load_masks(reference.dir / "masks.safetensors"))
+    assert_states_equal(tf.load_state(out / "best.safetensors"),
+                        tf.load_state(reference.dir / "best.safetensors"))
 
 
 def test_cli_run_end_to_end(reference: Reference, tmp_path: Path,
@@ -209,7 +213,7 @@ def test_resume_after_kill_is_bit_identical(optimizer: str, tmp_path: Path,
         with pytest.raises(RuntimeError, match="simulated kill"):
             run_quiet(killed)
     out = killed.directory()
-    assert (out / pipeline.CHECKPOINT).exists() and not (out / "result.json").exists()
+    assert (out / CHECKPOINT).exists() and not (out / "result.json").exists()
     assert len(json.loads((out / "metrics.json").read_text())) == 1
 
     counter = CallCounter(pipeline.train_epoch)
@@ -222,8 +226,8 @@ def test_resume_after_kill_is_bit_identical(optimizer: str, tmp_path: Path,
     assert without_timings(resumed) == without_timings(uninterrupted)
     assert resumed["test_acc"] > 0.5
     ref = clean.directory()
-    assert_states_equal(io.load_state(out / "best.safetensors"),
-                        io.load_state(ref / "best.safetensors"))
+    assert_states_equal(tf.load_state(out / "best.safetensors"),
+                        tf.load_state(ref / "best.safetensors"))
     drop = [{k: v for k, v in m.items() if k != "seconds"}
             for m in json.loads((out / "metrics.json").read_text())]
     keep = [{k: v for k, v in m.items() if k != "seconds"}
@@ -235,7 +239,7 @@ def test_kill_while_storing_masks_resumes(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """A kill between the two mask files must not leave a run that can never finish."""
     cfg = make_cfg(tmp_path)
-    real = io.atomic_write_json
+    real = atomic.write_json
 
     def dies_on_masks_json(path: Any, *args: Any, **kwargs: Any) -> None:
         if Path(path).name == "masks.json":
@@ -243,7 +247,7 @@ def test_kill_while_storing_masks_resumes(tmp_path: Path, monkeypatch: pytest.Mo
         real(path, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(io, "atomic_write_json", dies_on_masks_json)
+        patch.setattr(atomic, "write_json", dies_on_masks_json)
         with pytest.raises(RuntimeError, match="simulated kill"):
             run_quiet(cfg)
     result = run_quiet(cfg)
@@ -261,13 +265,13 @@ def test_warmup_epoch_keeps_pruned_weights_zero_and_is_cached(
     first = make_cfg(tmp_path / "a", warmup_epochs=1)
     result = run_quiet(first)
     out = first.directory()
-    masks = io.load_masks(out / "masks.safetensors")
-    assert_pruned_zero(io.load_state(out / "best.safetensors"), masks)
+    masks = tf.load_masks(out / "masks.safetensors")
+    assert_pruned_zero(tf.load_state(out / "best.safetensors"), masks)
     assert result["warmup_seconds"] > 0 and result["test_acc"] > 0.8
     cached = sorted((tmp_path / "a" / "_cache").glob("warmup-*.safetensors"))
     assert len(cached) == 1
     init = next((tmp_path / "a" / "_cache").glob("init-*.safetensors"))
-    warm, start = io.load_state(cached[0]), io.load_state(init)
+    warm, start = tf.load_state(cached[0]), tf.load_state(init)
     assert any(not torch.equal(warm[k], start[k]) for k in warm)  # it did train
 
     # Another sparsity in the same out dir reuses the warm-up: only the 3 sparse epochs train.
@@ -283,8 +287,8 @@ def test_warmup_epoch_keeps_pruned_weights_zero_and_is_cached(
     assert without_timings(fresh) == without_timings(reused)
     a = make_cfg(tmp_path / "a", warmup_epochs=1, sparsity=0.8).directory()
     b = make_cfg(tmp_path / "b", warmup_epochs=1, sparsity=0.8).directory()
-    assert_states_equal(io.load_state(a / "best.safetensors"),
-                        io.load_state(b / "best.safetensors"))
+    assert_states_equal(tf.load_state(a / "best.safetensors"),
+                        tf.load_state(b / "best.safetensors"))
 
 
 BN_MODEL: dict[str, Any] = {"model": "vgg11", "width": 0.0625, "epochs": 1, "lr": 0.01}
@@ -320,7 +324,7 @@ def test_bn_warmup_refreshes_statistics_before_scoring(tmp_path: Path,
         if name.endswith(("running_mean", "running_var")):
             assert not torch.equal(plain[name], warmed[name]), name
 
-    init = io.load_state(next((tmp_path / "warm" / "_cache").glob("init-*.safetensors")))
+    init = tf.load_state(next((tmp_path / "warm" / "_cache").glob("init-*.safetensors")))
     for name, value in model.state_dict().items():
         if "running" not in name and "num_batches" not in name:
             assert torch.equal(value, init[name]), name  # only statistics changed
@@ -371,7 +375,7 @@ def test_best_checkpoint_is_chosen_on_validation(tmp_path: Path,
     assert result["best_epoch"] == 2 and result["best_val_acc"] == 0.9
     assert_states_equal(spy.test_states[0], spy.val_states[1])
     out = make_cfg(tmp_path, val_fraction=0.3).directory()
-    assert_states_equal(io.load_state(out / "best.safetensors"), spy.val_states[1])
+    assert_states_equal(tf.load_state(out / "best.safetensors"), spy.val_states[1])
     epoch2, epoch3 = spy.val_states[1], spy.val_states[2]
     assert any(not torch.equal(epoch2[k], epoch3[k]) for k in epoch2)  # the choice matters
 
@@ -392,7 +396,7 @@ def test_without_validation_the_last_epoch_is_stored_and_tested(tmp_path: Path,
     result = run_quiet(cfg)
     assert len(seen) == 1  # the test set, once
     assert result["best_epoch"] == 3 and result["best_val_acc"] is None
-    assert_states_equal(io.load_state(cfg.directory() / "best.safetensors"), seen[0])
+    assert_states_equal(tf.load_state(cfg.directory() / "best.safetensors"), seen[0])
 
 
 # --------------------------------------------------------------------------- configuration
@@ -400,7 +404,7 @@ def test_without_validation_the_last_epoch_is_stored_and_tested(tmp_path: Path,
 
 def settings(argv: list[str]) -> C.RunConfig:
     """The config ``fishprune run ARGV`` would use."""
-    return cli.settings_from(cli.build_parser().parse_args(["run", *argv]))
+    return flags.settings_from(cli.build_parser().parse_args(["run", *argv]))
 
 
 def write(path: Path, text: str) -> Path:
@@ -476,15 +480,15 @@ PINNED = [
 
 @pytest.mark.parametrize(("values", "run_id"), PINNED)
 def test_pinned_run_ids(values: dict[str, Any], run_id: str) -> None:
-    assert C.build(values).run_id() == run_id
+    assert S.build(values).run_id() == run_id
 
 
 def test_location_settings_do_not_change_the_id() -> None:
-    base = C.build({"dataset": "synthetic"})
-    moved = C.build({"dataset": "synthetic", "out": "/elsewhere", "device": "cpu",
+    base = S.build({"dataset": "synthetic"})
+    moved = S.build({"dataset": "synthetic", "out": "/elsewhere", "device": "cpu",
                      "data_dir": "/data", "on_collapse": "error"})
     assert moved.run_id() == base.run_id() == "e046b583c3fc"
-    explicit_default = C.build({"dataset": "synthetic", "lr": C.TrainConfig().lr, "seed": 0})
+    explicit_default = S.build({"dataset": "synthetic", "lr": C.TrainConfig().lr, "seed": 0})
     assert explicit_default.run_id() == base.run_id()
 
 
@@ -505,9 +509,9 @@ def test_a_new_default_valued_option_keeps_old_ids(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(C, "RunConfig", _RunPlus)
     assert "label_smoothing" in C.flat_fields()
     for values, run_id in PINNED:
-        assert C.build(values).run_id() == run_id
-        assert "label_smoothing" not in C.non_default(C.build(values))
-        assert C.build({**values, "label_smoothing": 0.1}).run_id() != run_id
+        assert S.build(values).run_id() == run_id
+        assert "label_smoothing" not in C.non_default(S.build(values))
+        assert S.build({**values, "label_smoothing": 0.1}).run_id() != run_id
 
 
 # --------------------------------------------------------------------------- Masker invariants
@@ -560,10 +564,10 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
                     reason="Fashion-MNIST not installed")
 def test_fashion_mnist_lenet300_fts_learns(tmp_path: Path) -> None:
     """LeNet-300-100, FTS at 90% sparsity, 2 epochs on Fashion-MNIST: well above chance."""
-    cfg = C.build({"dataset": "fashion-mnist", "data_dir": str(FASHION), "model": "lenet300",
+    cfg = S.build({"dataset": "fashion-mnist", "data_dir": str(FASHION), "model": "lenet300",
                    "criterion": "fts", "sparsity": 0.9, "epochs": 2, "out": str(tmp_path)})
     result = run_quiet(cfg)
     assert result["kept"] == expected_kept(0.1, result["prunable"])
     assert result["test_acc"] > 0.8
-    masks = io.load_masks(cfg.directory() / "masks.safetensors")
-    assert_pruned_zero(io.load_state(cfg.directory() / "best.safetensors"), masks)
+    masks = tf.load_masks(cfg.directory() / "masks.safetensors")
+    assert_pruned_zero(tf.load_state(cfg.directory() / "best.safetensors"), masks)

@@ -9,9 +9,11 @@ import pytest
 
 from fishprune import cli
 from fishprune.config import ConfigError
-from fishprune.grid import sweep_from_table
-from fishprune.report import build_tables, emphasis, latex, layer_table, make_report, markdown
-from fishprune.sweep import run_sweep
+from fishprune.report import make_report
+from fishprune.report.render import latex, markdown
+from fishprune.report.stats import emphasis
+from fishprune.report.tables import build_tables, layer_table
+from fishprune.sweep import run_sweep, sweep_from_table
 
 # -- bold / underline on hand-made numbers --
 

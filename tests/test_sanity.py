@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 import fishprune as fp
 from fishprune import config as C
-from fishprune import io, pipeline
+from fishprune import pipeline
+from fishprune import settings as S
+from fishprune import tensorfiles as tf
 from fishprune.config import SANITY_CHECKS
 from fishprune.sanity import invert_scores, randomize_labels, reinitialize_, shuffle_masks
 from fishprune.selection import kept_count
@@ -116,17 +118,17 @@ def sanity_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dic
     out = tmp_path_factory.mktemp("sanity")
     runs = {}
     for check in SANITY_CHECKS:
-        cfg = C.build({**FAST, "sanity": check, "out": str(out)})
+        cfg = S.build({**FAST, "sanity": check, "out": str(out)})
         result = pipeline.run(cfg, show_progress=False)
         runs[check] = (result, cfg.directory())
     return runs
 
 
 def test_sanity_is_an_ordinary_setting() -> None:
-    ids = {C.build({**FAST, "sanity": s}).run_id() for s in SANITY_CHECKS}
+    ids = {S.build({**FAST, "sanity": s}).run_id() for s in SANITY_CHECKS}
     assert len(ids) == len(SANITY_CHECKS)  # a sweep over it gives distinct runs
     with pytest.raises(C.ConfigError, match="sanity"):
-        C.build({"sanity": "flip"})
+        S.build({"sanity": "flip"})
 
 
 @pytest.mark.parametrize("check", SANITY_CHECKS)
@@ -135,15 +137,15 @@ def test_pipeline_runs_each_sanity_check(sanity_runs: dict, check: str) -> None:
     assert (out / "result.json").exists()
     assert json.loads((out / "config.json").read_text())["prune"]["sanity"] == check
     assert result["kept"] == kept_count(0.1, result["prunable"])
-    masks = io.load_masks(out / "masks.safetensors")
-    best = io.load_state(out / "best.safetensors")
+    masks = tf.load_masks(out / "masks.safetensors")
+    best = tf.load_state(out / "best.safetensors")
     for name, mask in masks.items():  # the stored mask is the one that was trained
         assert torch.count_nonzero(best[name][~mask]) == 0, name
 
 
 def test_pipeline_masks_differ_as_each_check_says(sanity_runs: dict) -> None:
     def masks(check: str) -> dict[str, Tensor]:
-        return io.load_masks(sanity_runs[check][1] / "masks.safetensors")
+        return tf.load_masks(sanity_runs[check][1] / "masks.safetensors")
 
     base = masks("none")
     counts = {n: int(m.sum()) for n, m in base.items()}
@@ -158,8 +160,8 @@ def test_pipeline_masks_differ_as_each_check_says(sanity_runs: dict) -> None:
 
 
 def test_pipeline_reinit_trains_other_values(sanity_runs: dict) -> None:
-    base = io.load_state(sanity_runs["none"][1] / "best.safetensors")
-    reinit = io.load_state(sanity_runs["reinit"][1] / "best.safetensors")
-    masks = io.load_masks(sanity_runs["none"][1] / "masks.safetensors")
+    base = tf.load_state(sanity_runs["none"][1] / "best.safetensors")
+    reinit = tf.load_state(sanity_runs["reinit"][1] / "best.safetensors")
+    masks = tf.load_masks(sanity_runs["none"][1] / "masks.safetensors")
     for name, mask in masks.items():  # ... but different kept values (a fresh initialization)
         assert not torch.allclose(base[name][mask], reinit[name][mask]), name

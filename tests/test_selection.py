@@ -221,9 +221,9 @@ def record_rounds(monkeypatch) -> list[dict[str, Tensor]]:
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("criterion", ["adversary", "random", "snip"])
 def test_iterative_masks_are_monotone(criterion, scope, monkeypatch, record_rounds) -> None:
-    monkeypatch.setitem(
-        REGISTRY, "adversary", Criterion("adversary", adversary, NoOptions, False, 1, 1, "test")
-    )
+    monkeypatch.setitem(REGISTRY, "adversary", Criterion(
+        name="adversary", fn=adversary, options=NoOptions, data="none", seeded=False, dtype=None,
+        passes=1, default_rounds=1, summary="test"))
     model = small_cnn()
     masks = fp.prune(model, criterion, 0.9, batches(), rounds=6, scope=scope, seed=3)
     assert len(record_rounds) == 6

@@ -18,8 +18,10 @@ import torch
 from fishprune import cli
 from fishprune import resultsdb as db
 from fishprune.config import ConfigError
-from fishprune.grid import load_sweep, sweep_from_table
-from fishprune.sweep import Task, drive, plan, run_sweep
+from fishprune.rundir import ERROR
+from fishprune.sweep import load_sweep, run_sweep, sweep_from_table
+from fishprune.sweep.backends import Task
+from fishprune.sweep.driver import drive, plan
 
 #: A tiny learnable setting: ~0.1 s per epoch on one CPU thread.
 TINY = {"dataset": "synthetic", "model": "lenet300", "width": 0.1, "lr": 0.2, "epochs": 1}
@@ -194,7 +196,7 @@ def test_sweep_indexes_skips_and_rebuilds(tmp_path):
     rows = {r["run_id"]: r for r in db.fetch(conn, None)}
     failed = [r for r in rows.values() if r["status"] == "failed"]
     assert len(rows) == 11 and len(failed) == 1 and "CollapseError" in failed[0]["error"]
-    assert (tmp_path / "sw" / failed[0]["run_id"] / db.ERROR).exists()
+    assert (tmp_path / "sw" / failed[0]["run_id"] / ERROR).exists()
     done = [r for r in rows.values() if r["status"] == "finished"]
     assert {r["method"] for r in done} == {"magnitude", "snip", "dense"}
     assert len({r["test_acc"] for r in done}) > 2  # it learns: the numbers are not all chance

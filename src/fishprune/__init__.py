@@ -6,7 +6,7 @@
 
 from fishprune._version import __version__
 from fishprune.criteria import criteria
-from fishprune.io import export, load_pruned
+from fishprune.exporting import export, load_pruned
 from fishprune.masking import Masker, apply_masks
 from fishprune.params import prunable_parameters
 from fishprune.schedule import prune

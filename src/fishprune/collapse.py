@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fishprune.modes import restored_modes
+
 
 class CollapseError(RuntimeError):
     """Raised by ``--on-collapse error`` when a layer is empty or disconnected."""
@@ -115,16 +117,11 @@ def _path_gradients(model: nn.Module, masks: dict[str, Tensor], input_shape: tup
         else:
             state[name] = t.detach().abs().double()
     device = next(iter(state.values())).device
-    was_training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.enable_grad():
-            r = functional_call(model, state, (torch.ones((1, *input_shape), dtype=torch.float64,
-                                                          device=device),)).sum()
-            if not torch.isfinite(r) or r <= 0:
-                return None
-            grads = torch.autograd.grad(r, [state[n] for n in masks])
-    finally:
-        for m, flag in was_training:
-            m.training = flag
+    with restored_modes(model), torch.enable_grad():
+        model.eval()
+        r = functional_call(model, state, (torch.ones((1, *input_shape), dtype=torch.float64,
+                                                      device=device),)).sum()
+        if not torch.isfinite(r) or r <= 0:
+            return None
+        grads = torch.autograd.grad(r, [state[n] for n in masks])
     return dict(zip(masks, grads))

@@ -1,26 +1,30 @@
 """Typed, frozen run configuration: the single source of truth for the CLI, TOML files,
 ``config.json`` and run identities.
 
+One frozen dataclass per stage (data, model, warm-up, prune, train). A criterion's own options
+(``probes``, ``temperature``, ``damping``, ``per_sample``...) are not listed here: they live in
+the criterion's options dataclass (:mod:`fishprune.criteria`) and travel in
+``PruneConfig.options``, validated against that dataclass. :mod:`fishprune.settings` turns flat
+names, TOML files and flags into a :class:`RunConfig`.
+
 A run's id is a hash of its *non-default* settings (open_lth): adding an option whose default
-changes nothing keeps every old id. Settings that say where things are rather than what is
-computed (``data_dir``, ``out``, ``device``) are not part of the id.
+changes nothing keeps every old id. Settings that say where things are or how to react rather
+than what is computed (:data:`LOCATION_KEYS`) are not part of the id. Criterion options count
+under their own names, as if they were settings, and only when they differ from the
+criterion's default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from fishprune.criteria import criteria
+from fishprune.criteria import REGISTRY, OptionSpec, criteria, get_criterion
+from fishprune.hashing import digest
 from fishprune.selection import SCOPES
 
 SANITY_CHECKS = ("none", "shuffle", "reinit", "invert", "random-labels")
@@ -33,7 +37,7 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used (a usage error: exit status 2)."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> typing.NoReturn:
     raise ConfigError(message)
 
 
@@ -100,7 +104,7 @@ class WarmupConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Criterion, sparsity and the scoring data."""
+    """Criterion, sparsity and the scoring data; ``options`` are the criterion's own."""
 
     criterion: str = "fts"
     sparsity: float = 0.98  # pruned fraction; 0 trains the dense network
@@ -108,14 +112,20 @@ class PruneConfig:
     rounds: int | None = None  # None: the criterion's default (100 for synflow, else 1)
     score_samples: int | None = None  # samples per class for scoring; None: the whole split
     score_batch_size: int = 128
-    per_sample: bool = False
     score_mode: str = "eval"  # "train": score with batch statistics in BatchNorm
-    probes: int | None = None  # Hutchinson probes (hd, hp, hts); None: criterion default
-    temperature: float | None = None  # logit temperature (grasp, hd, hp, hts)
-    damping: float | None = None  # FBSS damping, relative to max F̂
+    options: dict[str, Any] = field(default_factory=dict)  # the criterion's options, e.g. probes
     exclude: tuple[str, ...] = ()  # glob patterns of weights never pruned
     sanity: str = "none"  # a sanity-check transformation of the mask (Frankle et al. 2021)
     on_collapse: str = "warn"  # what to do when a layer keeps no weight
+
+    def __post_init__(self) -> None:
+        # Canonical options (typed, defaults dropped) whenever they are valid, so that equal
+        # computations compare equal and get one id; invalid ones are reported by validate().
+        try:
+            canonical = get_criterion(self.criterion).canonical_options(dict(self.options))
+        except (ValueError, TypeError):
+            return
+        object.__setattr__(self, "options", canonical)
 
     def validate(self) -> None:
         _check_choice("criterion", self.criterion, criteria())
@@ -130,16 +140,17 @@ class PruneConfig:
             _fail(f"score_samples must be >= 1 per class; got {self.score_samples}")
         if self.score_batch_size < 1:
             _fail(f"score_batch_size must be >= 1; got {self.score_batch_size}")
-
-    def criterion_options(self) -> dict[str, Any]:
-        """The options handed to the criterion (only those set)."""
-        opts: dict[str, Any] = {}
-        for key in ("probes", "temperature", "damping"):
-            if getattr(self, key) is not None:
-                opts[key] = getattr(self, key)
-        if self.per_sample:
-            opts["per_sample"] = True
-        return opts
+        crit = get_criterion(self.criterion)
+        if not isinstance(self.options, dict):
+            _fail(f"options must be a table of criterion options; got {self.options!r}")
+        specs = crit.option_specs()
+        for key in self.options:
+            if key in specs and not specs[key].run_setting:
+                _fail(f"option {key} of criterion '{crit.name}' is set by fishprune from the data")
+        try:
+            crit.parse_options(dict(self.options))
+        except ValueError as err:
+            _fail(str(err))
 
 
 @dataclass(frozen=True)
@@ -198,8 +209,7 @@ class RunConfig:
         diff = non_default(self)
         for key in LOCATION_KEYS:
             diff.pop(key, None)
-        blob = json.dumps(diff, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return digest(diff, 12)
 
     def directory(self) -> Path:
         """Where this run's artifacts go: ``<out>/<run_id>``."""
@@ -215,137 +225,97 @@ class RunConfig:
 SECTIONS = ("data", "model", "warmup", "prune", "train")
 #: Settings that say where or how to react, not what is computed: excluded from run ids.
 LOCATION_KEYS = ("data_dir", "out", "device", "on_collapse")
+#: The field of :class:`PruneConfig` that holds the criterion's options (not a flat setting).
+OPTIONS = "options"
 
 
 def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
-    """Every setting by its (unique) flat name → (section or None, field)."""
+    """Every setting by its (unique) flat name → (section or None, field); ``options`` is
+    not one of them: each criterion option is a flat name of its own (:func:`option_specs`)."""
     out: dict[str, tuple[str | None, dataclasses.Field]] = {}
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
         if f.name in SECTIONS:
             for sub in dataclasses.fields(hints[f.name]):
-                out[sub.name] = (f.name, sub)
+                if sub.name != OPTIONS:
+                    out[sub.name] = (f.name, sub)
         else:
             out[f.name] = (None, f)
     return out
 
 
-def field_type(section: str | None, name: str) -> Any:
-    """The resolved type annotation of a flat setting."""
+def option_specs() -> dict[str, OptionSpec]:
+    """Every criterion option users may set, by name, over all registered criteria.
+
+    An option name shared by several criteria must have one type; an option may not be named
+    like a run setting (both would be refused here with the criterion's name).
+    """
+    settings = flat_fields()
+    out: dict[str, OptionSpec] = {}
+    for crit in REGISTRY.values():
+        for name, spec in crit.option_specs().items():
+            if not spec.run_setting:
+                continue
+            if name in settings or name == OPTIONS:
+                _fail(f"criterion '{crit.name}' has an option named {name!r}, which is a run "
+                      "setting: rename the option")
+            if name in out and out[name].kind != spec.kind:
+                _fail(f"criterion '{crit.name}' declares option {name!r} as {spec.kind}, "
+                      f"another criterion as {out[name].kind}")
+            out.setdefault(name, spec)
+    return out
+
+
+def setting_kind(name: str) -> Any:
+    """The type of a flat setting or criterion option, ``X | None`` unwrapped to ``X``."""
+    fields = flat_fields()
+    if name in fields:
+        section, _ = fields[name]
+        owner = RunConfig if section is None else typing.get_type_hints(RunConfig)[section]
+        kind = typing.get_type_hints(owner)[name]
+    else:
+        kind = option_specs()[name].kind
+    return unwrap_optional(kind)
+
+
+def unwrap_optional(kind: Any) -> Any:
+    """``X | None`` → ``X``; anything else unchanged."""
+    import types
+
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return kind
+
+
+def is_optional(name: str) -> bool:
+    """Whether a flat setting accepts None (criterion options always do: None = not set)."""
+    fields = flat_fields()
+    if name not in fields:
+        return True
+    section, _ = fields[name]
     owner = RunConfig if section is None else typing.get_type_hints(RunConfig)[section]
-    return typing.get_type_hints(owner)[name]
-
-
-def non_default(config: RunConfig) -> dict[str, Any]:
-    """Flat ``{name: value}`` of the settings that differ from the defaults."""
-    default = flat_values(RunConfig())
-    return {k: v for k, v in flat_values(config).items() if default[k] != v}
+    return unwrap_optional(typing.get_type_hints(owner)[name]) != typing.get_type_hints(owner)[name]
 
 
 def flat_values(config: RunConfig) -> dict[str, Any]:
+    """Flat ``{name: value}`` of every setting and criterion option (None: option not set)."""
     out = {}
     for name, (section, _) in flat_fields().items():
         owner = config if section is None else getattr(config, section)
         value = getattr(owner, name)
         out[name] = list(value) if isinstance(value, tuple) else value
+    for name in option_specs():
+        value = config.prune.options.get(name)
+        out[name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Check ``value`` against the type of setting ``name``; convert lists to tuples."""
-    fields = flat_fields()
-    if name not in fields:
-        _fail(f"unknown setting {name!r} (valid: {', '.join(sorted(fields))})")
-    section, _ = fields[name]
-    kind = field_type(section, name)
-    optional = False
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(kind))
-        kind = args[0]
-    if value is None and optional:
-        return None
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        if not isinstance(value, (list, tuple)):
-            _fail(f"{name} must be a list of {item.__name__}; got {value!r}")
-        return tuple(_scalar(name, v, item) for v in value)
-    return _scalar(name, value, kind)
-
-
-def _scalar(name: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if not isinstance(value, bool):
-            _fail(f"{name} must be true or false; got {value!r}")
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        _fail(f"{name} must be {kind.__name__}; got {value!r}")
-    return value
-
-
-def build(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """A validated :class:`RunConfig` from flat ``{name: value}`` over ``base`` (or defaults)."""
-    base = base or RunConfig()
-    fields = flat_fields()
-    updates: dict[str | None, dict[str, Any]] = {}
-    for name, value in values.items():
-        updates.setdefault(fields[name][0] if name in fields else None, {})[name] = coerce(
-            name, value
-        )
-    top = updates.pop(None, {})
-    sections = {s: dataclasses.replace(getattr(base, s), **updates.get(s, {})) for s in SECTIONS}
-    return dataclasses.replace(base, **sections, **top).validate()
-
-
-def from_toml(path: str | Path) -> dict[str, Any]:
-    """Flat settings from a TOML file: top-level keys or ``[data]``/``[prune]``... tables."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        _fail(f"config file {path} does not exist")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        _fail(f"config file {path} is not valid TOML: {err}")
-    return flatten_table(raw, str(path))
-
-
-def flatten_table(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """Flatten ``[section]`` tables into flat setting names, checking names and sections."""
-    fields = flat_fields()
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        key = key.replace("-", "_")
-        if key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                sub = sub.replace("-", "_")
-                if sub not in fields or fields[sub][0] != key:
-                    _fail(f"{where}: unknown setting {sub!r} in [{key}]")
-                flat[sub] = v
-        elif key in fields:
-            flat[key] = value
-        else:
-            _fail(f"{where}: unknown setting {key!r} (valid: {', '.join(sorted(fields))})")
-    return flat
-
-
-#: Keys a run's ``config.json`` holds besides the settings: derived from them, never read back.
-DERIVED_KEYS = ("run_id", "label")
-
-
-def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from :meth:`RunConfig.to_dict` output or a run's
-    ``config.json`` (whose derived ``run_id`` and ``label`` are ignored)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in DERIVED_KEYS:
-            continue
-        if key in SECTIONS:
-            flat.update(value)
-        else:
-            flat[key] = value
-    return build(flat)
+def non_default(config: RunConfig) -> dict[str, Any]:
+    """Flat ``{name: value}`` of the settings and options that differ from the defaults."""
+    default = flat_values(RunConfig())
+    return {k: v for k, v in flat_values(config).items() if default.get(k) != v}
 
 
 #: The papers' training schedules (FTS paper, Table A1; 160 epochs, SGD momentum 0.9).

@@ -1,20 +1,18 @@
 """The experiment protocol as one straight-line function, :func:`run`.
 
 data → model → (warm-up) → scores → mask → masked training → evaluation → stored result.
-Every expensive stage leaves an artifact in the run directory (or, for work shared by many
-runs, in ``<out>/_cache``), so a rerun skips what is done and a killed run resumes from its last
-finished epoch. All files are written atomically.
+Every expensive stage leaves an artifact in the run directory (:mod:`fishprune.rundir`) or, for
+work shared by many runs, in ``<out>/_cache`` (:mod:`fishprune.cachekeys`), so a rerun skips
+what is done and a killed run resumes from its last finished epoch. All files are written
+atomically.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 import fishprune as fp
-from fishprune import io
+from fishprune import atomic, cachekeys
+from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import RunConfig
 from fishprune.data import (
@@ -34,7 +33,9 @@ from fishprune.data import (
 )
 from fishprune.models import build_model
 from fishprune.provenance import provenance
+from fishprune.rundir import RunDir
 from fishprune.sanity import invert_scores, randomize_labels, reinitialize_, shuffle_masks
+from fishprune.timing import timed
 from fishprune.train import (
     EpochMetrics,
     bn_warmup_,
@@ -42,12 +43,10 @@ from fishprune.train import (
     lr_at,
     make_optimizer,
     set_lr_,
-    timed,
     train_epoch,
 )
 
-log = logging.getLogger("fishprune")
-RESULT = "result.json"
+Say = Callable[[str], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,30 +58,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], None] | None = None
+def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         ) -> dict[str, Any]:
     """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict."""
     say = echo or (lambda _msg: None)
     cfg.validate()
-    out = cfg.directory()
-    if (out / RESULT).exists():
-        say(f"already finished: {out / RESULT}")
-        return json.loads((out / RESULT).read_text())
-    remove_stale_temps(out)  # left by a killed write; the files they were to replace are intact
+    rd = RunDir.of(cfg)
+    if rd.is_finished():
+        say(f"already finished: {rd.result}")
+        return json.loads(rd.result.read_text())
+    rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
     prep = prepare(cfg, say)
-    ds, train_idx, loaders, model, device = (prep.ds, prep.train_idx, prep.loaders, prep.model,
-                                             prep.device)
-    warm_seconds = prep.warmup_seconds
+    ds, model, device = prep.ds, prep.model, prep.device
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
-    masks, score_seconds = pruning_masks(cfg, ds, train_idx, model, device, out, say)
-    io.atomic_write_json(out / "config.json", {"run_id": cfg.run_id(), "label": cfg.label(),
-                                               **cfg.to_dict()})
-    io.atomic_write_json(out / "provenance.json", provenance(device))
+    masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
+    rd.write_config(cfg)
+    atomic.write_json(rd.provenance, provenance(device))
     if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
-    io.atomic_write_json(out / "layers.json", report.to_dict())
+    atomic.write_json(rd.layers, report.to_dict())
     say(report.table())
     if (report.collapsed or report.disconnected) and cfg.prune.on_collapse != "ignore":
         message = report.warning()
@@ -91,16 +87,15 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
         say(f"WARNING: {message}")
     fp.apply_masks(model, masks)
 
-    history, best_epoch = fit(cfg, model, masks, loaders, device, out, show_progress, say)
-    test_loss, test_acc = evaluate(model, loaders["test"], device=device)
-    dense = sum(p.numel() for p in model.parameters())
+    history, best_epoch = fit(cfg, model, masks, prep.loaders, device, rd, show_progress, say)
+    test_loss, test_acc = evaluate(model, prep.loaders["test"], device=device)
     result = {
         "run_id": cfg.run_id(),
         "label": cfg.label(),
         "criterion": "dense" if cfg.prune.sparsity == 0 else cfg.prune.criterion,
         "sparsity": cfg.prune.sparsity,
         "density": fp.density_of(masks),
-        "parameters": dense,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "prunable": sum(m.numel() for m in masks.values()),
         "kept": sum(int(m.sum()) for m in masks.values()),
         "collapsed_layers": report.collapsed,
@@ -109,23 +104,16 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Callable[[str], Non
         "best_val_acc": history[best_epoch - 1].val_acc if best_epoch else None,
         "test_acc": test_acc,
         "test_loss": test_loss,
-        "warmup_seconds": warm_seconds,
+        "warmup_seconds": prep.warmup_seconds,
         "score_seconds": score_seconds,
         "train_seconds": sum(h.seconds for h in history),
         "epochs": len(history),
     }
-    io.atomic_write_json(out / RESULT, result)
-    (out / CHECKPOINT).unlink(missing_ok=True)  # the result and best.safetensors supersede it
+    atomic.write_json(rd.result, result)
+    rd.checkpoint.unlink(missing_ok=True)  # the result and the best weights supersede it
     say(f"best validation accuracy {_pct(result['best_val_acc'])} (epoch {best_epoch}); "
-        f"test accuracy {_pct(test_acc)}  →  {out}")
+        f"test accuracy {_pct(test_acc)}  →  {rd.path}")
     return result
-
-
-def remove_stale_temps(out: Path) -> None:
-    """Delete the hidden temporary files of atomic writes that a killed process left in ``out``."""
-    if out.is_dir():
-        for tmp in out.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
 
 
 def _pct(x: float | None) -> str:
@@ -151,35 +139,11 @@ def make_loaders(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, va
     return loaders
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def fresh_model(cfg: RunConfig, ds: DatasetTensors, *, seed: int) -> nn.Module:
     """The model of ``cfg`` for ``ds``, initialized from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return build_model(cfg.model.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
                        image_size=ds.image_size, width=cfg.model.width, init=cfg.model.init)
-
-
-def cache_dir(cfg: RunConfig) -> Path:
-    """Where work shared by several runs (initializations, warm-ups) is cached."""
-    return Path(cfg.out) / "_cache"
-
-
-def init_path(cfg: RunConfig, ds: DatasetTensors) -> Path:
-    """The cached initialization: one per (model settings, input shape, classes, seed)."""
-    key = _key(asdict(cfg.model), ds.in_channels, ds.num_classes, ds.image_size, cfg.seed)
-    return cache_dir(cfg) / f"init-{key}.safetensors"
-
-
-def warmup_path(cfg: RunConfig, device: torch.device) -> Path:
-    """The cached warm-up: keyed by everything that changes it (not the number of epochs
-    trained after pruning, nor where the data lives)."""
-    data = {k: v for k, v in asdict(cfg.data).items() if k != "data_dir"}
-    train = {k: v for k, v in asdict(cfg.train).items() if k != "epochs"}
-    key = _key(asdict(cfg.model), data, asdict(cfg.warmup), train, cfg.seed, device.type)
-    return cache_dir(cfg) / f"warmup-{key}.safetensors"
 
 
 @dataclass
@@ -195,7 +159,7 @@ class Prepared:
     warmup_seconds: float
 
 
-def prepare(cfg: RunConfig, say: Callable[[str], None] = lambda _m: None) -> Prepared:
+def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
@@ -207,15 +171,14 @@ def prepare(cfg: RunConfig, say: Callable[[str], None] = lambda _m: None) -> Pre
 
 
 def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> nn.Module:
-    """The seeded initialization, cached per (model, input shape, seed) for every run sharing it."""
+    """The seeded initialization, cached for every run sharing it (:mod:`fishprune.cachekeys`)."""
     model = fresh_model(cfg, ds, seed=cfg.seed)
-    path = init_path(cfg, ds)
-    cache = path.parent
+    path = cachekeys.init_path(cfg)
     if path.exists():
-        model.load_state_dict(io.load_state(path))
+        model.load_state_dict(tf.load_state(path))
     else:
-        cache.mkdir(parents=True, exist_ok=True)
-        io.save_state(path, model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tf.save_state(path, model)
     model.to(device)
     if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model.to(memory_format=torch.channels_last)
@@ -223,20 +186,20 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> n
 
 
 def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
-            device: torch.device, *, say: Callable[[str], None]) -> float:
+            device: torch.device, *, say: Say) -> float:
     """Dense warm-up epochs and/or the BN-statistics pass, in place; cached like the init.
 
     Returns the seconds the warm-up took (also when it is loaded from the cache, where the
     time of the run that computed it is stored).
     """
     w = cfg.warmup
-    if w.warmup_epochs == 0 and not w.bn_warmup:
+    path = cachekeys.warmup_path(cfg, device.type)
+    if path is None:
         return 0.0
-    path = warmup_path(cfg, device)
     if path.exists():
-        model.load_state_dict(io.load_state(path))
+        model.load_state_dict(tf.load_state(path))
         say(f"warm-up loaded from {path}")
-        return float(io.read_metadata(path).get("seconds", 0.0))
+        return float(tf.read_metadata(path).get("seconds", 0.0))
     with timed() as elapsed:
         if w.warmup_epochs:
             optimizer = make_optimizer(model, cfg.train)  # discarded afterwards: no momentum leaks
@@ -248,7 +211,8 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
             bn_warmup_(model, loaders["train_plain"])
-    io.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
     return elapsed()
 
@@ -267,12 +231,11 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
 
 
 def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
-                  device: torch.device, out: Path, say: Callable[[str], None]
+                  device: torch.device, rd: RunDir, say: Say
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """Score and select (or load the stored masks). Leaves the model's weights untouched."""
-    path = out / "masks.safetensors"
-    if path.exists():
-        return io.load_masks(path), json.loads((out / "masks.json").read_text())["score_seconds"]
+    if rd.masks.exists():
+        return tf.load_masks(rd.masks), json.loads(rd.masks_info.read_text())["score_seconds"]
     p = cfg.prune
     params = fp.prunable_parameters(model, p.exclude)
     if p.sparsity == 0:
@@ -281,8 +244,7 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
     else:
         batches = scoring_batches(cfg, ds, train_idx, device)
         saved = {n: w.detach().clone() for n, w in params.items()}
-        common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude,
-                  **p.criterion_options()}
+        common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude, **p.options}
         with timed() as elapsed:
             if p.sanity == "invert":  # keep the lowest-scored weights (one shot)
                 scores = invert_scores(fp.score(model, p.criterion, batches, **common))
@@ -299,28 +261,28 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
     masks = {n: m.cpu() for n, m in masks.items()}
     if p.sanity == "shuffle":  # stored shuffled: the file holds the mask that is trained
         masks = shuffle_masks(masks, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    # masks.safetensors last: its existence is what marks this stage done (see above).
-    io.atomic_write_json(out / "masks.json", {"score_seconds": seconds})
-    io.save_masks(path, masks)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    # The masks last: their existence is what marks this stage done (see above).
+    atomic.write_json(rd.masks_info, {"score_seconds": seconds})
+    tf.save_masks(rd.masks, masks)
     return masks, seconds
 
 
 def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
-        loaders: dict[str, TensorBatches], device: torch.device, out: Path,
-        show_progress: bool, say: Callable[[str], None]) -> tuple[list[EpochMetrics], int]:
+        loaders: dict[str, TensorBatches], device: torch.device, rd: RunDir,
+        show_progress: bool, say: Say) -> tuple[list[EpochMetrics], int]:
     """Masked training with a fresh optimizer; resumes from the last finished epoch.
 
-    Keeps the best-validation weights (``best.safetensors``; the last epoch's without a
-    validation split, the pruned initialization for 0 epochs) and loads them into ``model``
-    at the end; returns the per-epoch history and the best epoch (1-based; 0 = no training).
+    Keeps the best-validation weights (the last epoch's without a validation split, the pruned
+    initialization for 0 epochs) and loads them into ``model`` at the end; returns the
+    per-epoch history and the best epoch (1-based; 0 = no training).
     """
     t = cfg.train
     optimizer = make_optimizer(model, t)
     # A fresh optimizer: masking the gradients alone keeps pruned weights exactly 0 (tested),
     # and violations() checks it after every epoch.
     masker = fp.Masker(model, masks, guard=False)
-    history = load_checkpoint(out, model, optimizer)
+    history = load_history(rd, model, optimizer)
     best = max(history, key=lambda h: (h.val_acc if h.val_acc is not None else -1, -h.epoch),
                default=None)
     offset = cfg.warmup.warmup_epochs
@@ -341,56 +303,32 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         # Without a validation split the stored weights are the last epoch's (the ones tested).
         if best is None or (metrics.val_acc or -1) > (best.val_acc or -1) or "val" not in loaders:
             best = metrics
-            io.save_state(out / "best.safetensors", model)
-        save_checkpoint(out, model, optimizer, history)
+            tf.save_state(rd.best, model)
+        save_history(rd, model, optimizer, history)
         say(f"epoch {metrics.epoch:3d}/{t.epochs}  loss {train_loss:.4f}  train {_pct(train_acc)}"
             f"  val {_pct(metrics.val_acc)}  lr {metrics.lr:.4g}  {metrics.seconds:.1f}s")
     if best is None:  # no training (epochs 0): store the pruned initialization that is tested
-        io.save_state(out / "best.safetensors", model)
+        tf.save_state(rd.best, model)
     elif "val" in loaders:
-        model.load_state_dict(io.load_state(out / "best.safetensors"))
+        model.load_state_dict(tf.load_state(rd.best))
     else:  # no validation split: the last epoch, never a test-set choice
         best = history[-1]
     return history, (best.epoch if best else 0)
 
 
-CHECKPOINT = "checkpoint.safetensors"
+def save_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 history: list[EpochMetrics]) -> None:
+    """The checkpoint after an epoch (its history in the same atomic file), then
+    ``metrics.json``, a human-readable copy."""
+    rows = [asdict(h) for h in history]
+    tf.save_checkpoint(rd.checkpoint, model, optimizer, metadata={"history": json.dumps(rows)})
+    atomic.write_json(rd.metrics, rows)
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    history: list[EpochMetrics]) -> None:
-    """Model, optimizer state, RNG and history after an epoch, in ONE atomic file.
-
-    A single file means a kill can never leave weights of one epoch beside the history of
-    another; ``metrics.json`` is a human-readable copy written afterwards.
-    """
-    state = {f"model/{k}": v for k, v in model.state_dict().items()}
-    for index, slots in optimizer.state_dict()["state"].items():
-        for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                state[f"optim/{index}/{key}"] = value
-    state["rng/cpu"] = torch.get_rng_state()
-    history_json = json.dumps([asdict(h) for h in history])
-    io.save_state(out / CHECKPOINT, state, metadata={"history": history_json})
-    io.atomic_write_json(out / "metrics.json", [asdict(h) for h in history])
-
-
-def load_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-                    ) -> list[EpochMetrics]:
+def load_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> list[EpochMetrics]:
     """Restore the last finished epoch, if any; return its history (empty for a new run)."""
-    path = out / CHECKPOINT
-    if not path.exists():
+    if not rd.checkpoint.exists():
         return []
-    flat = io.load_state(path)
-    history = [EpochMetrics(**h) for h in json.loads(io.read_metadata(path)["history"])]
-    model.load_state_dict({k[6:]: v for k, v in flat.items() if k.startswith("model/")})
-    torch.set_rng_state(flat["rng/cpu"])
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-    if state:
-        optimizer.load_state_dict({"state": state,
-                                   "param_groups": optimizer.state_dict()["param_groups"]})
-    return history
+    metadata = tf.load_checkpoint(rd.checkpoint, model, optimizer)
+    return [EpochMetrics(**h) for h in json.loads(metadata["history"])]

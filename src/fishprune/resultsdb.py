@@ -26,16 +26,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from fishprune import atomic
 from fishprune import config as C
-from fishprune import io
+from fishprune import settings as S
+from fishprune.rundir import RunDir
 
 DB_NAME = "results.sqlite"
-ERROR = "error.json"
 SCHEMA_VERSION = 1
 
 IDENTITY = {"run_id": "TEXT PRIMARY KEY", "label": "TEXT", "method": "TEXT",
@@ -106,28 +106,31 @@ def _now() -> str:
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in C.SECTIONS and isinstance(value, dict):
-            flat.update(value)
-        elif key in C.flat_fields():
-            flat[key] = value
-    try:  # canonical values (defaults of settings added since the run was made)
-        return C.flat_values(C.build(flat))
+    """Every flat setting of a stored ``config.json`` (defaults of settings added since)."""
+    try:
+        return C.flat_values(S.from_dict(config))
     except (C.ConfigError, TypeError):
-        return {k: v for k, v in flat.items() if k in C.flat_fields()}
+        names = set(S.setting_names())
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            if key in C.SECTIONS and isinstance(value, dict):
+                flat.update({k: v for k, v in value.items() if k in names})
+            elif key in names:
+                flat[key] = value
+        return flat
 
 
 def row_from_dir(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """The ``runs`` row and ``layers`` rows of a run directory (None: not a run directory)."""
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json")
+    rd = RunDir(Path(run_dir))
+    run_dir = rd.path
+    config = _read_json(rd.config)
     if not isinstance(config, dict):
         return None
     settings = _settings(config)
-    result = _read_json(run_dir / "result.json")
-    error = _read_json(run_dir / ERROR)
-    prov = _read_json(run_dir / "provenance.json") or {}
+    result = _read_json(rd.result)
+    error = _read_json(rd.error)
+    prov = _read_json(rd.provenance) or {}
     sparsity = settings.get("sparsity")
     row: dict[str, Any] = {
         "run_id": config.get("run_id", run_dir.name), "label": config.get("label"),
@@ -145,10 +148,10 @@ def row_from_dir(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
         row["collapsed_layers"] = len(result.get("collapsed_layers") or [])
         row["disconnected_layers"] = len(result.get("disconnected_layers") or [])
         row["collapsed_names"] = result.get("collapsed_layers") or []
-        mtime = (run_dir / "result.json").stat().st_mtime
+        mtime = rd.result.stat().st_mtime
         row["finished_at"] = dt.datetime.fromtimestamp(mtime, dt.timezone.utc).isoformat(
             timespec="seconds")
-    report = _read_json(run_dir / "layers.json") or {}
+    report = _read_json(rd.layers) or {}
     layers = [{"run_id": row["run_id"], "position": i, **{k: lay.get(k) for k in
               ("name", "numel", "kept", "density", "effective")}}
               for i, lay in enumerate(report.get("layers", []))]
@@ -182,7 +185,7 @@ def run_dirs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name[0] not in "._" and (p / "config.json").exists())
+                  if p.is_dir() and p.name[0] not in "._" and RunDir(p).is_run())
 
 
 def index_dir(conn: sqlite3.Connection, root: str | Path) -> int:
@@ -210,7 +213,7 @@ def open_index(root: str | Path, *, refresh: bool = False) -> sqlite3.Connection
         conn = connect(root / DB_NAME)
     except sqlite3.OperationalError:
         conn, refresh = connect(":memory:"), True
-    on_disk = {d.name for d in run_dirs(root) if (d / "result.json").exists()}
+    on_disk = {d.name for d in run_dirs(root) if RunDir(d).is_finished()}
     indexed = {r["run_dir"] for r in conn.execute(
         "SELECT run_dir FROM runs WHERE status = 'finished'")}
     if refresh or on_disk != indexed:
@@ -222,17 +225,14 @@ def record_failure(run_dir: str | Path, cfg: C.RunConfig, error: str,
                    traceback: str | None = None) -> None:
     """Leave ``error.json`` in a run directory (cleared when the run is tried again), and its
     ``config.json`` if the run died before writing one, so the failure survives a rebuild."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.json").exists():
-        io.atomic_write_json(run_dir / "config.json", {"run_id": cfg.run_id(),
-                                                       "label": cfg.label(), **cfg.to_dict()})
-    io.atomic_write_json(run_dir / ERROR, {"error": error, "traceback": traceback,
-                                           "time": _now()})
+    rd = RunDir(Path(run_dir))
+    if not rd.is_run():
+        rd.write_config(cfg)
+    atomic.write_json(rd.error, {"error": error, "traceback": traceback, "time": _now()})
 
 
 def clear_failure(run_dir: str | Path) -> None:
-    (Path(run_dir) / ERROR).unlink(missing_ok=True)
+    RunDir(Path(run_dir)).error.unlink(missing_ok=True)
 
 
 def fetch(conn: sqlite3.Connection, status: str | None = "finished") -> list[dict[str, Any]]:
@@ -253,13 +253,11 @@ def fetch(conn: sqlite3.Connection, status: str | None = "finished") -> list[dic
 
 
 def setting_kinds() -> dict[str, type]:
-    """Every flat setting → its Python type (``tuple`` for list-typed settings)."""
+    """Every flat setting and criterion option → its Python type (``tuple`` for lists)."""
     out = {}
-    for name, (section, _) in C.flat_fields().items():
-        kind = C.field_type(section, name)
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        out[name] = tuple if typing.get_origin(kind) is tuple else kind
+    for name in S.setting_names():
+        kind = C.setting_kind(name)
+        out[name] = tuple if typing.get_origin(kind) is tuple or kind is tuple else kind
     return out
 
 

@@ -14,7 +14,8 @@ from torch.nn import functional as F
 from fishprune.autograd import LossFn
 from fishprune.batches import Batches
 from fishprune.criteria import Context, get_criterion
-from fishprune.params import require_prunable
+from fishprune.modes import restored_modes
+from fishprune.params import prunable_parameters, require_prunable
 
 MODES = ("eval", "train")
 
@@ -64,7 +65,7 @@ def score(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     params = require_prunable(model, exclude)
     device = next(iter(params.values())).device
-    if batches is None and crit.needs_data and crit.name != "synflow":
+    if batches is None and crit.needs_data:
         raise ValueError(f"criterion '{crit.name}' needs (inputs, targets) batches, got None")
     if mode == "train" and getattr(opts, "per_sample", False) and _has_batchnorm(model):
         raise ValueError(
@@ -72,7 +73,8 @@ def score(
             "(BatchNorm in train mode mixes the samples of a batch)"
         )
     data = None if batches is None else Batches(batches, device, replay=crit.passes > 1)
-    ctx = Context(loss_fn=loss_fn or F.cross_entropy, seed=seed)
+    ctx = Context(loss_fn=loss_fn or F.cross_entropy, seed=seed,
+                  prunable=prunable_parameters(model))
     with preserved(model, params), seeded_rng(seed, device):
         model.train(mode == "train")
         raw = crit.fn(model, params, data, ctx, opts)
@@ -91,7 +93,6 @@ def preserved(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[Non
     gradients are never needed), ``.grad`` is None (so a ``backward()`` cannot accumulate into
     the caller's gradient tensors), and autograd is enabled.
     """
-    modes = [(m, m.training) for m in model.modules()]
     all_params = list(model.parameters())
     flags = [p.requires_grad for p in all_params]
     grads = [p.grad for p in all_params]
@@ -101,11 +102,9 @@ def preserved(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[Non
         for p in all_params:
             p.requires_grad_(id(p) in wanted)
             p.grad = None
-        with torch.enable_grad():
+        with restored_modes(model), torch.enable_grad():
             yield
     finally:
-        for m, training in modes:
-            m.training = training
         for p, flag, grad in zip(all_params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad

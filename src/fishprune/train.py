@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ from torch.nn import functional as F
 
 from fishprune.config import TrainConfig
 from fishprune.masking import Masker
+from fishprune.modes import restored_modes
 
 
 @dataclass(frozen=True)
@@ -126,34 +126,15 @@ def bn_warmup_(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> nn
     if not norms:
         return model
     momenta = [(m, m.momentum) for m in norms]
-    flags = [(m, m.training) for m in model.modules()]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     try:
-        for inputs, _ in batches:
-            model(inputs)
+        with restored_modes(model):
+            model.train()
+            for inputs, _ in batches:
+                model(inputs)
     finally:
         for m, momentum in momenta:
             m.momentum = momentum
-        for m, training in flags:
-            m.training = training
     return model
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    """``with timed() as elapsed: ...; elapsed()`` gives wall seconds (synchronizing CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    stop: list[float] = []
-
-    def elapsed() -> float:
-        return (stop[0] if stop else time.perf_counter()) - start
-
-    yield elapsed
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    stop.append(time.perf_counter())

@@ -24,7 +24,14 @@ from fishprune.criteria import (  # noqa: F401  (imported for their @register si
 )
 
 # isort: on
-from fishprune.criteria._registry import REGISTRY, Context, Criterion, get_criterion, register
+from fishprune.criteria._registry import (
+    REGISTRY,
+    Context,
+    Criterion,
+    OptionSpec,
+    get_criterion,
+    register,
+)
 
 
 def criteria() -> list[str]:
@@ -32,4 +39,6 @@ def criteria() -> list[str]:
     return list(REGISTRY)
 
 
-__all__ = ["REGISTRY", "Context", "Criterion", "criteria", "get_criterion", "register"]
+__all__ = [
+    "REGISTRY", "Context", "Criterion", "OptionSpec", "criteria", "get_criterion", "register",
+]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fishprune.criteria._registry import positive
 
@@ -14,8 +14,8 @@ class HutchinsonOptions:
     Both defaults follow the public code of Gollini Navarrete et al. (arXiv 2502.11450).
     """
 
-    probes: int = 10
-    temperature: float = 200.0
+    probes: int = field(default=10, metadata={"help": "Hutchinson probes per batch"})
+    temperature: float = field(default=200.0, metadata={"help": "logits are divided by T"})
 
     def validate(self) -> None:
         if self.probes < 1:

@@ -1,8 +1,16 @@
-"""The criterion registry: one small file per criterion, one ``@register`` line each."""
+"""The criterion registry: one small file per criterion, one ``@register`` line each.
+
+A criterion declares everything the rest of fishprune needs to know about it here, once: its
+options (a frozen dataclass whose fields carry ``metadata={"help": ...}``), what data it reads
+(``data``), whether its scores depend on the seed (``seeded``), a fixed score dtype, how many
+times it iterates the batches, and its default number of rounds. The run configuration, the
+command line, TOML files and the contract tests all read these facts from :data:`REGISTRY`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,13 +21,23 @@ from torch import Tensor, nn
 from fishprune.autograd import LossFn
 from fishprune.batches import Batches
 
+#: What a criterion reads from the scoring data: ``(inputs, targets)`` batches, only the input
+#: shape (data-free criteria that run the network, e.g. synflow), or nothing at all.
+DATA_KINDS = ("batches", "shape", "none")
+
 
 @dataclass(frozen=True)
 class Context:
-    """What every criterion may use besides the model, its weights and the batches."""
+    """What every criterion may use besides the model, its scored weights and the batches.
+
+    ``prunable`` holds every prunable weight of the model, including those the caller excluded
+    from scoring: criteria whose scores depend on the other weights' gradients (GraSP's ḡ)
+    compute over all of them and score only the included ones.
+    """
 
     loss_fn: LossFn
     seed: int
+    prunable: dict[str, nn.Parameter] = dataclasses.field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
         """A fresh CPU generator seeded with ``seed`` (CPU draws give the same result anywhere)."""
@@ -35,41 +53,92 @@ ScoreFn = Callable[[nn.Module, dict[str, nn.Parameter], Batches, Context, Any], 
 
 
 @dataclass(frozen=True)
+class OptionSpec:
+    """One option of a criterion: its name, type, default and one-line help."""
+
+    name: str
+    kind: Any  # the resolved annotation (int, float, bool, tuple[int, ...], ...)
+    default: Any
+    help: str
+    run_setting: bool  # False: set by the pipeline (e.g. synflow's input shape), not by users
+
+
+@dataclass(frozen=True)
 class Criterion:
     """A registered score function ``(model, params, batches, ctx, options) -> scores``."""
 
     name: str
     fn: ScoreFn
     options: type
-    needs_data: bool
+    data: str
+    seeded: bool
+    dtype: torch.dtype | None  # a fixed score dtype (synflow: float64); None: float32/weights'
     passes: int  # how many times ``fn`` iterates the batches (for replay of one-shot iterables)
     default_rounds: int
     summary: str
 
+    @property
+    def needs_data(self) -> bool:
+        """Whether scoring needs ``(inputs, targets)`` batches."""
+        return self.data == "batches"
+
+    def option_specs(self) -> dict[str, OptionSpec]:
+        """The criterion's options by name, in declaration order."""
+        hints = typing.get_type_hints(self.options)
+        defaults = self.options()
+        return {
+            f.name: OptionSpec(f.name, hints[f.name], getattr(defaults, f.name),
+                               f.metadata.get("help", ""), f.metadata.get("run_setting", True))
+            for f in dataclasses.fields(self.options)
+        }
+
     def parse_options(self, given: dict[str, Any]) -> Any:
-        """Build the criterion's options dataclass, rejecting unknown names and wrong types."""
-        fields = {f.name: f for f in dataclasses.fields(self.options)}
-        unknown = sorted(set(given) - set(fields))
+        """Build the criterion's options dataclass, rejecting unknown names, wrong types and
+        out-of-range values (the dataclass's ``validate()``) with a one-line ``ValueError``."""
+        specs = self.option_specs()
+        unknown = sorted(set(given) - set(specs))
         if unknown:
-            valid = ", ".join(sorted(fields)) or "none"
+            valid = ", ".join(specs) or "none"
             raise ValueError(
                 f"unknown option(s) {', '.join(unknown)} for criterion '{self.name}' "
                 f"(valid options: {valid})"
             )
-        for key, value in given.items():
-            default = getattr(self.options(), key)
-            if isinstance(default, bool) != isinstance(value, bool) or not isinstance(
-                value, (type(default), int) if isinstance(default, float) else type(default)
-            ):
-                raise ValueError(
-                    f"option {key} of criterion '{self.name}' must be {type(default).__name__}, "
-                    f"got {value!r}"
-                )
-        opts = self.options(**given)
+        values = {key: _checked_value(self.name, specs[key], value) for key, value in given.items()}
+        opts = self.options(**values)
         check = getattr(opts, "validate", None)
         if check is not None:
             check()
         return opts
+
+    def canonical_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The given options, validated, typed, with those equal to their default dropped."""
+        opts = self.parse_options(given)
+        specs = self.option_specs()
+        return {k: getattr(opts, k) for k in given if getattr(opts, k) != specs[k].default}
+
+
+def _checked_value(criterion: str, spec: OptionSpec, value: Any) -> Any:
+    """``value`` converted to the option's type (int → float, list → tuple), or a ValueError."""
+    kind = spec.kind
+    wanted = getattr(kind, "__name__", str(kind))
+    if typing.get_origin(kind) is tuple or kind is tuple:
+        args = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        item = args[0] if args else int
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+        wanted = f"a list of {item.__name__}"
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(kind, type) and isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"option {spec.name} of criterion '{criterion}' must be {wanted}, "
+                     f"got {value!r}")
 
 
 REGISTRY: dict[str, Criterion] = {}
@@ -79,18 +148,30 @@ def register(
     name: str,
     *,
     options: type = NoOptions,
-    needs_data: bool = True,
+    data: str = "batches",
+    seeded: bool = False,
+    dtype: torch.dtype | None = None,
     passes: int = 1,
     default_rounds: int = 1,
 ) -> Callable[[ScoreFn], ScoreFn]:
-    """Register ``fn`` under ``name`` (= file name = CLI name = value in results tables)."""
+    """Register ``fn`` under ``name`` (= file name = CLI name = value in results tables).
+
+    The first line of the module docstring of ``fn`` is the one-line summary listed by
+    ``fishprune criteria``.
+    """
+    if data not in DATA_KINDS:
+        raise ValueError(f"criterion '{name}': data must be one of {', '.join(DATA_KINDS)}")
 
     def decorator(fn: ScoreFn) -> ScoreFn:
         if name in REGISTRY:
             raise ValueError(f"criterion '{name}' registered twice")
-        summary = ((fn.__module__ and __import__(fn.__module__, fromlist=["_"]).__doc__) or "")
+        import sys
+
+        module = sys.modules.get(fn.__module__)
+        summary = ((module.__doc__ if module else None) or fn.__doc__ or name).strip()
         REGISTRY[name] = Criterion(
-            name, fn, options, needs_data, passes, default_rounds, summary.strip().splitlines()[0]
+            name, fn, options, data, seeded, dtype, passes, default_rounds,
+            summary.splitlines()[0],
         )
         return fn
 

@@ -9,7 +9,7 @@ relative so that the ranking does not depend on the scale of the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -23,8 +23,9 @@ from fishprune.criteria._registry import Context, register
 class FBSSOptions:
     """``damping``: λ relative to max F̂; ``per_sample``: per-sample Fisher (eq. 8)."""
 
-    damping: float = 1e-8
-    per_sample: bool = False
+    damping: float = field(default=1e-8, metadata={"help": "FBSS damping, relative to max F"})
+    per_sample: bool = field(default=False, metadata={
+        "help": "per-sample empirical Fisher: every sample its own batch (eq. 8)"})
 
     def validate(self) -> None:
         if not (0 < self.damping < float("inf")):

@@ -14,7 +14,7 @@ from fishprune.criteria._hutchinson import HutchinsonOptions
 from fishprune.criteria._registry import Context, register
 
 
-@register("hd", options=HutchinsonOptions)
+@register("hd", options=HutchinsonOptions, seeded=True)
 def hd(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: HutchinsonOptions,

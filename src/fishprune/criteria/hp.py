@@ -13,7 +13,7 @@ from fishprune.criteria._hutchinson import HutchinsonOptions
 from fishprune.criteria._registry import Context, register
 
 
-@register("hp", options=HutchinsonOptions)
+@register("hp", options=HutchinsonOptions, seeded=True)
 def hp(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: HutchinsonOptions,

@@ -14,7 +14,7 @@ from fishprune.criteria._hutchinson import HutchinsonOptions
 from fishprune.criteria._registry import Context, register
 
 
-@register("hts", options=HutchinsonOptions)
+@register("hts", options=HutchinsonOptions, seeded=True)
 def hts(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: HutchinsonOptions,

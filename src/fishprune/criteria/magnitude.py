@@ -9,7 +9,7 @@ from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, NoOptions, register
 
 
-@register("magnitude", needs_data=False)
+@register("magnitude", data="none")
 def magnitude(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: NoOptions,

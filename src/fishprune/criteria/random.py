@@ -13,7 +13,7 @@ from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, NoOptions, register
 
 
-@register("random", needs_data=False)
+@register("random", data="none", seeded=True)
 def random(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: NoOptions,

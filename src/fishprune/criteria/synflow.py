@@ -9,7 +9,7 @@ with the exponential schedule on the *kept* fraction, density d^(r/R) after roun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +24,12 @@ from fishprune.criteria._registry import Context, register
 class SynFlowOptions:
     """``input_shape``: shape of one input without the batch dimension (default: from data)."""
 
-    input_shape: tuple = ()
+    input_shape: tuple[int, ...] = field(default=(), metadata={
+        "help": "shape of one input, without the batch dimension", "run_setting": False})
 
 
-@register("synflow", options=SynFlowOptions, needs_data=False, default_rounds=100)
+@register("synflow", options=SynFlowOptions, data="shape", dtype=torch.float64,
+          default_rounds=100)
 def synflow(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: SynFlowOptions,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import tomllib
 
 from fishprune import config as C
+from fishprune import settings as S
 
 #: Refuse grids larger than this (a typo such as a list of 1000 seeds).
 MAX_RUNS = 100_000
@@ -51,11 +51,7 @@ class Sweep:
 
 
 def _list_typed(name: str) -> bool:
-    section, _ = C.flat_fields()[name]
-    kind = C.field_type(section, name)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    return typing.get_origin(kind) is tuple
+    return typing.get_origin(C.setting_kind(name)) is tuple
 
 
 def axis_values(name: str, value: Any, where: str) -> list[Any]:
@@ -63,7 +59,9 @@ def axis_values(name: str, value: Any, where: str) -> list[Any]:
     if name == "out":
         if isinstance(value, list):
             raise C.ConfigError(f"{where}: out cannot be swept (it is the sweep directory)")
-        return [C.coerce(name, value)]
+        return [S.coerce(name, value)]
+    if name not in S.setting_names():
+        raise C.ConfigError(f"{where}: unknown setting {name!r}")
     if _list_typed(name):
         nested = [isinstance(v, list) for v in value] if isinstance(value, list) else [False]
         if any(nested) and not all(nested):
@@ -77,7 +75,7 @@ def axis_values(name: str, value: Any, where: str) -> list[Any]:
     out = []
     for i, v in enumerate(values):
         try:
-            out.append(C.coerce(name, v))
+            out.append(S.coerce(name, v))
         except C.ConfigError as err:
             at = f"{where}: {name}[{i}]" if len(values) > 1 else where
             raise C.ConfigError(f"{at}: {err}") from None
@@ -86,7 +84,7 @@ def axis_values(name: str, value: Any, where: str) -> list[Any]:
 
 def parse_spec(table: dict[str, Any], where: str) -> Spec:
     """``{setting: [values]}`` from a TOML table (flat or with section tables)."""
-    flat = C.flatten_table(table, where)
+    flat = S.flatten_table(table, where)
     return {name: axis_values(name, value, where) for name, value in flat.items()}
 
 
@@ -100,7 +98,7 @@ def expand(spec: Spec, out: str, where: str) -> list[C.RunConfig]:
         values = dict(zip(spec, combo))
         values["out"] = out
         try:
-            runs.append(C.build(values))
+            runs.append(S.build(values))
         except C.ConfigError as err:
             swept = ", ".join(f"{k}={v!r}" for k, v in values.items()
                               if len(spec.get(k, ())) > 1)

@@ -7,26 +7,32 @@
 * the weights each criterion keeps against |w| (FTS paper, Fig. 1 / A2): the histogram of |w|
   of every prunable weight at scoring time, the kept ones highlighted, and magnitude pruning's
   threshold. The weights come from the pipeline's cache ``<dir>/_cache`` (the init, or the
-  warm-up), the masks from the run directories;
-* accuracy vs scoring batch size (Fig. 2 / A1) when the runs vary ``score_batch_size``.
+  warm-up; :mod:`fishprune.cachekeys`), the masks from the run directories; nothing is
+  recomputed, and the figure is skipped with a note when the cached weights are gone;
+* accuracy vs scoring batch size (Fig. 2 / A1) when the runs vary ``score_batch_size``;
+* ``fishprune analyze``'s per-layer density against the global sparsity (layer collapse).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: Agg renders, no global backend is touched
 
-from fishprune import config as C
-from fishprune import io
+from fishprune import atomic, cachekeys
+from fishprune import tensorfiles as tf
+from fishprune.config import ConfigError
 from fishprune.criteria import criteria
-from fishprune.report import LayerTable, Table, fmt_sparsity
+from fishprune.report.tables import LayerTable, Table, fmt_sparsity
+from fishprune.rundir import RunDir, RunDirError
+
+if TYPE_CHECKING:
+    from fishprune.analyze import Analysis
 
 
 def color(method: str) -> Any:
@@ -44,7 +50,7 @@ def save(fig: Figure, stem: Path) -> list[Path]:
     paths = []
     for fmt in ("png", "pdf"):
         path = stem.with_name(f"{stem.name}.{fmt}")
-        with io.atomic_path(path) as tmp:
+        with atomic.replacing(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150)
         paths.append(path)
     return paths
@@ -105,25 +111,11 @@ def layer_density(lt: LayerTable, stem: Path) -> list[Path]:
 
 
 def scoring_weights(root: Path, run: dict[str, Any]) -> dict[str, Any] | None:
-    """The weights that were scored: the pipeline's cached warm-up or init (None: not found)."""
-    import torch
-
-    from fishprune.data import load_dataset
-    from fishprune.pipeline import fresh_model, init_path, warmup_path
-
-    raw = json.loads((root / run["run_dir"] / "config.json").read_text())
-    cfg = C.from_dict(raw)
-    cfg = dataclasses.replace(cfg, out=str(root))
-    w = cfg.warmup
-    if w.warmup_epochs or w.bn_warmup:
-        device = torch.device(str(run.get("device_used") or "cpu").split(":")[0])
-        path = warmup_path(cfg, device)
-        return io.load_state(path) if path.exists() else None
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    path = init_path(cfg, ds)
-    if path.exists():
-        return io.load_state(path)
-    return fresh_model(cfg, ds, seed=cfg.seed).state_dict()  # the init is deterministic
+    """The weights a run scored, from the pipeline's cache (None: not cached any more)."""
+    cfg = dataclasses.replace(RunDir(root / run["run_dir"]).read_config(), out=str(root))
+    device_type = str(run.get("device_used") or "cpu").split(":")[0]
+    path = cachekeys.scored_weights_path(cfg, device_type)
+    return tf.load_state(path) if path.exists() else None
 
 
 def kept_vs_magnitude(root: Path, table: Table, sparsity: float, stem: Path) -> list[Path]:
@@ -139,15 +131,15 @@ def kept_vs_magnitude(root: Path, table: Table, sparsity: float, stem: Path) -> 
     methods = [m for m in table.methods if m in runs]
     weights = scoring_weights(root, runs[methods[0]])
     if weights is None:
-        print(f"fishprune: kept-vs-|w| plot skipped: no cached weights for {table.title()}",
-              file=sys.stderr)
+        print(f"fishprune: kept-vs-|w| plot skipped: the scored weights of {table.title()} are "
+              f"no longer cached in {root / cachekeys.CACHE}", file=sys.stderr)
         return []
     cols = min(4, len(methods))
     rows = -(-len(methods) // cols)
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, m in zip(axes, methods):
-        masks = io.load_masks(root / runs[m]["run_dir"] / "masks.safetensors")
+        masks = tf.load_masks(RunDir(root / runs[m]["run_dir"]).masks)
         mag = torch.cat([weights[n].abs().flatten().double() for n in masks])
         kept = torch.cat([masks[n].flatten() for n in masks])
         k = int(kept.sum())
@@ -218,7 +210,7 @@ def make_plots(root: str | Path, tables: list[Table], runs: list[dict[str, Any]]
         s = max(t.sparsities) if sparsity is None else sparsity
         try:
             written += kept_vs_magnitude(root, t, s, out / f"kept-vs-magnitude-{t.slug()}")
-        except (OSError, ValueError, KeyError, C.ConfigError) as err:
+        except (OSError, ValueError, KeyError, ConfigError, RunDirError) as err:
             print(f"fishprune: kept-vs-|w| plot skipped for {t.title()}: {err}", file=sys.stderr)
     for lt in layer_tables:
         written += layer_density(lt, out / f"layer-density-{lt.table.slug()}")
@@ -230,3 +222,34 @@ def make_plots(root: str | Path, tables: list[Table], runs: list[dict[str, Any]]
         if len(group) > 1:
             written += accuracy_vs_batch_size(group, out / f"acc-vs-batch-size-{slug}")
     return written
+
+
+def collapse_density(result: Analysis, stem: Path) -> list[Path]:
+    """``fishprune analyze``: per-layer density against the global sparsity, the critical
+    sparsity (and the cut-off one) marked."""
+    import torch
+
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    palette = matplotlib.colormaps["viridis"]
+    names = list(result.numel)
+    xs = torch.tensor(result.curve_sparsities)
+    for i, name in enumerate(names):
+        ys = torch.tensor(result.curve_densities[name])
+        ys = torch.where(ys > 0, ys, torch.nan)  # an empty layer leaves the log axis
+        ax.plot(xs, ys, color=palette(i / max(len(names) - 1, 1)), lw=1.2,
+                marker="o" if result.iterative else None, ms=3, label=name)
+    ax.axvline(result.critical, color="crimson", ls="--", lw=1,
+               label=f"critical {result.critical:.4f}")
+    if result.critical_connected is not None and result.critical_connected < result.critical:
+        ax.axvline(result.critical_connected, color="orange", ls=":", lw=1,
+                   label=f"cut off {result.critical_connected:.4f}")
+    ax.set_xscale("logit")
+    ax.set_yscale("log")
+    ax.set_xlabel("global sparsity (pruned fraction)")
+    ax.set_ylabel("layer density (kept fraction)")
+    ax.set_title(result.title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=6, ncol=1 + len(names) // 12, loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return save(fig, stem)

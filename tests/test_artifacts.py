@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fishprune import io
+from fishprune import atomic, exporting
+from fishprune import tensorfiles as tf
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fishprune"
 
@@ -61,9 +62,9 @@ def _leftovers(directory: Path) -> list[str]:
 
 
 def test_atomic_writes_round_trip(tmp_path: Path) -> None:
-    io.atomic_write_bytes(tmp_path / "a.bin", b"\x00\x01")
-    io.atomic_write_text(tmp_path / "a.txt", "héllo")
-    io.atomic_write_json(tmp_path / "a.json", {"b": [1, 2.5], "a": None})
+    atomic.write_bytes(tmp_path / "a.bin", b"\x00\x01")
+    atomic.write_text(tmp_path / "a.txt", "héllo")
+    atomic.write_json(tmp_path / "a.json", {"b": [1, 2.5], "a": None})
     assert (tmp_path / "a.bin").read_bytes() == b"\x00\x01"
     assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo"
     text = (tmp_path / "a.json").read_text()
@@ -73,14 +74,14 @@ def test_atomic_writes_round_trip(tmp_path: Path) -> None:
 
 def test_atomic_write_json_nonfinite(tmp_path: Path) -> None:
     obj = {"loss": float("nan"), "x": [float("inf"), (1.0, -float("inf"))], "ok": 1.5}
-    io.atomic_write_json(tmp_path / "r.json", obj)
+    atomic.write_json(tmp_path / "r.json", obj)
     assert json.loads((tmp_path / "r.json").read_text()) == {
         "loss": None,
         "x": [None, [1.0, None]],
         "ok": 1.5,
     }
     with pytest.raises(ValueError, match="NaN"):
-        io.atomic_write_json(tmp_path / "s.json", obj, nonfinite="raise")
+        atomic.write_json(tmp_path / "s.json", obj, nonfinite="raise")
     assert not (tmp_path / "s.json").exists()
     assert _leftovers(tmp_path) == []
 
@@ -88,7 +89,7 @@ def test_atomic_write_json_nonfinite(tmp_path: Path) -> None:
 def test_atomic_path_keeps_old_file_when_writer_raises(tmp_path: Path) -> None:
     target = tmp_path / "fig.png"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="midway"), io.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError, match="midway"), atomic.replacing(target) as tmp:
         assert tmp.parent == tmp_path and tmp.suffix == ".png" and tmp.exists()
         tmp.write_bytes(b"half")
         raise RuntimeError("midway")
@@ -100,7 +101,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "m.safetensors"
-    io.save_masks(target, {"w": torch.ones(3, dtype=torch.bool)})
+    tf.save_masks(target, {"w": torch.ones(3, dtype=torch.bool)})
     old = target.read_bytes()
 
     def crash(src: object, dst: object) -> None:
@@ -108,9 +109,9 @@ def test_atomic_write_keeps_old_file_when_replace_fails(
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk on fire"):
-        io.save_masks(target, {"w": torch.zeros(3, dtype=torch.bool)})
+        tf.save_masks(target, {"w": torch.zeros(3, dtype=torch.bool)})
     with pytest.raises(OSError, match="disk on fire"):
-        io.atomic_write_json(target, {"a": 1})
+        atomic.write_json(target, {"a": 1})
     assert target.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
@@ -118,7 +119,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(
 def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with io.atomic_path(target) as tmp:
+    with atomic.replacing(target) as tmp:
         tmp.write_text("new")
         assert target.read_text() == "old"
     assert target.read_text() == "new"
@@ -128,7 +129,7 @@ def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
 def test_sha256_file(tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(b"abc")
     expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert io.sha256_file(tmp_path / "x", chunk_size=2) == expected
+    assert atomic.sha256_file(tmp_path / "x", chunk_size=2) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +156,8 @@ def mask_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
 def test_masks_round_trip(masks: dict[str, torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "masks.safetensors"
-        io.save_masks(path, masks, metadata={"criterion": "snip"})
-        loaded = io.load_masks(path)
+        tf.save_masks(path, masks, metadata={"criterion": "snip"})
+        loaded = tf.load_masks(path)
     assert loaded.keys() == masks.keys()
     for name, mask in masks.items():
         assert loaded[name].dtype == torch.bool
@@ -172,8 +173,8 @@ def test_masks_edge_shapes_and_size(tmp_path: Path) -> None:
         "conv.weight": torch.rand(7, 3, 5, 5) < 0.3,  # 525 elements, not a multiple of 8
     }
     path = tmp_path / "m.safetensors"
-    io.save_masks(path, masks)
-    loaded = io.load_masks(path)
+    tf.save_masks(path, masks)
+    loaded = tf.load_masks(path)
     assert all(torch.equal(loaded[k], v) and loaded[k].shape == v.shape for k, v in masks.items())
     header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert path.stat().st_size - 8 - header_len == 1 + 0 + 1 + math.ceil(525 / 8)
@@ -181,20 +182,20 @@ def test_masks_edge_shapes_and_size(tmp_path: Path) -> None:
 
 def test_save_masks_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
-        io.save_masks(tmp_path / "m", {"w": torch.ones(3)})
+        tf.save_masks(tmp_path / "m", {"w": torch.ones(3)})
     with pytest.raises(ValueError, match="reserved"):
-        io.save_masks(tmp_path / "m", {}, metadata={"fishprune.format": "x"})
+        tf.save_masks(tmp_path / "m", {}, metadata={"fishprune.format": "x"})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_file_is_plain_safetensors_without_pickle(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    io.save_masks(path, {"w": torch.ones(2, 2, dtype=torch.bool)}, metadata={"run": "1"})
+    tf.save_masks(path, {"w": torch.ones(2, 2, dtype=torch.bool)}, metadata={"run": "1"})
     raw = path.read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + header_len])
     assert header["__metadata__"]["fishprune.format"] == "masks"
-    assert header["__metadata__"]["fishprune.version"] == io.FORMAT_VERSION
+    assert header["__metadata__"]["fishprune.version"] == tf.FORMAT_VERSION
     assert header["__metadata__"]["run"] == "1"
     assert header["mask/w"]["dtype"] == "U8"
     assert not raw.startswith((b"PK", b"\x80"))  # neither a torch.save zip nor a pickle
@@ -221,7 +222,7 @@ def test_no_unsafe_torch_load_in_package() -> None:
 
 def _mask_file(tmp_path: Path) -> Path:
     path = tmp_path / "m.safetensors"
-    io.save_masks(path, {"a": torch.rand(5, 7) < 0.5, "b": torch.tensor([True])})
+    tf.save_masks(path, {"a": torch.rand(5, 7) < 0.5, "b": torch.tensor([True])})
     return path
 
 
@@ -231,7 +232,7 @@ def test_truncated_files_raise_value_error(tmp_path: Path) -> None:
     for cut in range(len(raw)):
         bad.write_bytes(raw[:cut])
         with pytest.raises(ValueError, match=r"bad\.safetensors"):
-            io.load_masks(bad)
+            tf.load_masks(bad)
 
 
 @settings(max_examples=50, deadline=None)
@@ -241,7 +242,7 @@ def test_garbage_raises_value_error(data: bytes) -> None:
         path = Path(d) / "garbage.safetensors"
         path.write_bytes(data)
         with pytest.raises(ValueError, match=r"garbage\.safetensors"):
-            io.load_masks(path)
+            tf.load_masks(path)
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00" * 7, b"\xff" * 64, b"PK\x03\x04" + b"\x00" * 60])
@@ -249,7 +250,7 @@ def test_load_state_garbage(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(data)
     with pytest.raises(ValueError, match=r"garbage\.safetensors"):
-        io.load_state(path)
+        tf.load_state(path)
 
 
 def test_inconsistent_mask_file_raises(tmp_path: Path) -> None:
@@ -266,13 +267,13 @@ def test_inconsistent_mask_file_raises(tmp_path: Path) -> None:
     for tensors, shapes_, message in cases:
         save_file(tensors, path, {**base, "fishprune.mask_shapes": json.dumps(shapes_)})
         with pytest.raises(ValueError, match=message):
-            io.load_masks(path)
+            tf.load_masks(path)
     save_file({}, path, {**base, "fishprune.version": "99"})
     with pytest.raises(ValueError, match="version"):
-        io.load_masks(path)
+        tf.load_masks(path)
     save_file({"w": torch.ones(2)}, path)
     with pytest.raises(ValueError, match="format"):
-        io.load_masks(path)
+        tf.load_masks(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,17 +287,17 @@ def test_state_round_trip_with_tied_and_noncontiguous(tmp_path: Path) -> None:
     state["extra.t"] = torch.arange(12.0).reshape(3, 4).t()  # non-contiguous
     state["extra.slice"] = torch.arange(10, dtype=torch.int16)[2:5]  # view of a bigger storage
     path = tmp_path / "ckpt.safetensors"
-    io.save_state(path, state, metadata={"step": "3"})
-    loaded = io.load_state(path)
+    tf.save_state(path, state, metadata={"step": "3"})
+    loaded = tf.load_state(path)
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in state.items())
-    io.save_state(path, model)
-    assert io.load_state(path).keys() == model.state_dict().keys()
+    tf.save_state(path, model)
+    assert tf.load_state(path).keys() == model.state_dict().keys()
 
 
 def test_load_state_refuses_masks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="load_masks"):
-        io.load_state(_mask_file(tmp_path))
+        tf.load_state(_mask_file(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,21 +321,21 @@ def test_export_bit_identical_and_20x_smaller(tmp_path: Path) -> None:
     _apply(model, masks)
 
     dense, sparse = tmp_path / "dense.safetensors", tmp_path / "pruned.safetensors"
-    io.save_state(dense, model)
-    io.export(model, masks, sparse, metadata={"criterion": "fts"})
+    tf.save_state(dense, model)
+    exporting.export(model, masks, sparse, metadata={"criterion": "fts"})
     ratio = dense.stat().st_size / sparse.stat().st_size
     assert ratio >= 20, ratio
 
     torch.manual_seed(1)
     fresh = _lenet()
-    loaded = io.load_pruned(fresh, sparse)
+    loaded = exporting.load_pruned(fresh, sparse)
     _assert_same_state(model, fresh)
     assert loaded.keys() == masks.keys()
     params = dict(fresh.named_parameters())
     for name, mask in masks.items():
         assert torch.equal(loaded[name], mask)
         assert (params[name][~mask] == 0).all()
-    assert io.load_masks(sparse).keys() == masks.keys()
+    assert tf.load_masks(sparse).keys() == masks.keys()
 
 
 @settings(max_examples=25, deadline=None)
@@ -353,11 +354,11 @@ def test_export_round_trip_densities_and_dtypes(
     _apply(model, masks)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "p.safetensors"
-        io.export(model, masks, path)
+        exporting.export(model, masks, path)
         fresh = nn.Sequential(
             nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.Flatten(), nn.Linear(5, 3)
         ).to(dtype)
-        loaded = io.load_pruned(fresh, path)
+        loaded = exporting.load_pruned(fresh, path)
     _assert_same_state(model, fresh)
     assert all(torch.equal(loaded[k], v) for k, v in masks.items())
 
@@ -367,9 +368,9 @@ def test_export_zeroes_pruned_weights_and_handles_tied(tmp_path: Path) -> None:
     model[1].weight = model[0].weight
     masks = {"0.weight": torch.rand(6, 6) < 0.5}  # not applied: pruned entries are non-zero
     path = tmp_path / "p.safetensors"
-    io.export(model, masks, path)
+    exporting.export(model, masks, path)
     fresh = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
-    io.load_pruned(fresh, path)
+    exporting.load_pruned(fresh, path)
     expected = model[0].weight.detach() * masks["0.weight"]
     assert torch.equal(fresh[0].weight, expected)
     assert torch.equal(fresh[1].weight, expected)
@@ -379,16 +380,16 @@ def test_export_zeroes_pruned_weights_and_handles_tied(tmp_path: Path) -> None:
 def test_export_rejects_bad_masks(tmp_path: Path) -> None:
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match="not a parameter"):
-        io.export(model, {"nope": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "p")
+        exporting.export(model, {"nope": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "p")
     with pytest.raises(ValueError, match=r"\(4, 3\).*\(3, 4\)"):
-        io.export(model, {"weight": torch.ones(4, 3, dtype=torch.bool)}, tmp_path / "p")
+        exporting.export(model, {"weight": torch.ones(4, 3, dtype=torch.bool)}, tmp_path / "p")
     assert list(tmp_path.iterdir()) == []
 
 
 def _exported_linear(tmp_path: Path) -> tuple[nn.Module, Path]:
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     path = tmp_path / "p.safetensors"
-    io.export(model, {"0.weight": torch.rand(3, 4) < 0.5}, path)
+    exporting.export(model, {"0.weight": torch.rand(3, 4) < 0.5}, path)
     return model, path
 
 
@@ -397,25 +398,26 @@ def test_load_pruned_refuses_shape_mismatch(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     other = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"'0\.weight'.*\(3, 4\).*\(3, 5\)"):
-        io.load_pruned(other, path)
+        exporting.load_pruned(other, path)
     other = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 7))
     with pytest.raises(ValueError, match=r"'1\.bias'.*\(2,\).*\(7,\)"):
-        io.load_pruned(other, path)
+        exporting.load_pruned(other, path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_load_pruned_refuses_missing_and_unexpected_keys(tmp_path: Path) -> None:
     _, path = _exported_linear(tmp_path)
     with pytest.raises(ValueError, match=r"missing keys \['2\.bias', '2\.weight'\]"):
-        io.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(2, 2)), path)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(2, 2))
+        exporting.load_pruned(model, path)
     with pytest.raises(ValueError, match=r"unexpected keys \['1\.bias', '1\.weight'\]"):
-        io.load_pruned(nn.Sequential(nn.Linear(4, 3)), path)
+        exporting.load_pruned(nn.Sequential(nn.Linear(4, 3)), path)
 
 
 def test_load_pruned_refuses_dtype_mismatch(tmp_path: Path) -> None:
     _, path = _exported_linear(tmp_path)
     with pytest.raises(ValueError, match="float64"):
-        io.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double(), path)
+        exporting.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double(), path)
 
 
 def test_load_pruned_refuses_kept_count_mismatch(tmp_path: Path) -> None:
@@ -429,16 +431,16 @@ def test_load_pruned_refuses_kept_count_mismatch(tmp_path: Path) -> None:
     tensors["kept/0.weight"] = torch.cat([tensors["kept/0.weight"], torch.zeros(1)])
     save_file(tensors, path, meta)
     with pytest.raises(ValueError, match=r"'0\.weight'.*kept"):
-        io.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
+        exporting.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
     del tensors["kept/0.weight"]
     save_file(tensors, path, meta)
     with pytest.raises(ValueError, match="no kept values"):
-        io.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
+        exporting.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
 
 
 def test_load_pruned_refuses_other_formats(tmp_path: Path) -> None:
     model = nn.Linear(2, 2)
     path = tmp_path / "s.safetensors"
-    io.save_state(path, model)
+    tf.save_state(path, model)
     with pytest.raises(ValueError, match="format"):
-        io.load_pruned(model, path)
+        exporting.load_pruned(model, path)

@@ -1,0 +1,134 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every writer goes through :func:`replacing`: the bytes land in a hidden temporary file in the
+destination's directory (``.{name}.{random}.tmp{suffix}``, so the suffix survives for libraries
+that detect the format from it), are ``fsync``-ed, and only then ``os.replace`` the destination,
+after which the directory is ``fsync``-ed too. On any exception the temporary file is removed
+and the old file is left untouched; a process killed mid-write leaves a temporary file that
+:func:`remove_stale_temps` deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+PathLike = str | os.PathLike[str]
+
+
+def _create_temp(path: Path) -> Path:
+    """Create an empty, exclusively named temporary file next to ``path`` (umask applies)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    # Directories cannot be fsync-ed on every platform (Windows); files always can.
+    flags = os.O_RDONLY if directory or os.name != "nt" else os.O_RDWR
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        if directory:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+        else:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path that replaces ``path`` atomically when the block exits cleanly.
+
+    The temporary file already exists (empty) in the same directory and keeps ``path``'s
+    suffix, so ``savefig(tmp)`` or ``save_file(tensors, tmp)`` pick the right format. On a
+    clean exit it is fsync-ed and ``os.replace``-d onto ``path``; on any exception (including
+    one from ``os.replace``) it is deleted and ``path`` keeps its previous content.
+    """
+    path = Path(path)
+    tmp = _create_temp(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync(path.parent, directory=True)
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically, encoded with ``encoding``."""
+    write_bytes(path, text.encode(encoding))
+
+
+def _nonfinite_to_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {key: _nonfinite_to_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nonfinite_to_none(value) for value in obj]
+    return obj
+
+
+def write_json(
+    path: PathLike, obj: Any, *, nonfinite: Literal["null", "raise"] = "null"
+) -> None:
+    """Write ``obj`` as strict JSON (sorted keys, indent 2, trailing newline) atomically.
+
+    JSON has no NaN/Infinity. With ``nonfinite="null"`` (default) non-finite floats are written
+    as ``null``, so a diverged run still records its results (readers see "no value"); with
+    ``nonfinite="raise"`` they raise ``ValueError`` and nothing is written.
+    """
+    if nonfinite == "null":
+        obj = _nonfinite_to_none(obj)
+    try:
+        text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} (NaN/Infinity cannot be written as JSON)") from err
+    write_text(path, text + "\n")
+
+
+def remove_stale_temps(directory: PathLike) -> None:
+    """Delete the temporary files of atomic writes that a killed process left in ``directory``
+    (the files they were to replace are intact)."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: PathLike, *, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 digest of the file at ``path``, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,29 @@
+"""``fishprune criteria``, ``models`` and ``datasets``: what can be named."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add(subparsers: Any, name: str, parents: list[argparse.ArgumentParser]) -> None:
+    subparsers.add_parser(name, parents=parents, help=f"list the {name}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "criteria":
+        from fishprune.criteria import REGISTRY
+
+        for name, crit in REGISTRY.items():
+            opts = ", ".join(f"{o}={s.default!r}" for o, s in crit.option_specs().items()
+                             if s.run_setting)
+            print(f"{name:<10} {crit.summary}" + (f"  [options: {opts}]" if opts else ""))
+    elif args.command == "models":
+        from fishprune.models import models
+
+        print("\n".join(models()))
+    else:
+        from fishprune.data import datasets
+
+        print("\n".join(datasets()))
+    return 0
