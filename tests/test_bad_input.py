@@ -3,7 +3,9 @@
 CLI contract: stderr is exactly one line starting with ``fishprune: error:`` (no traceback),
 the exit status is 2 for usage errors (bad flags, values, config files) and 1 for everything
 else, and nothing half-written is left on disk: no run directory without its result and no
-temporary file of an atomic write. The library raises a one-line ``ValueError``.
+temporary file of an atomic write. The library's own contracts (bad sparsities, unknown
+names, empty inputs, exact counts under ties) are tested once, in ``test_criteria_contract.py``
+and ``test_selection.py``; here only what a user meets through the command line.
 
 Most CLI cases call :func:`fishprune.cli.main` in-process (fast); a few go through a real
 subprocess, including a run killed with SIGKILL and resumed.
@@ -39,7 +41,6 @@ from fishprune.cli import flags
 from fishprune.data import registry
 from fishprune.models import MODELS
 from fishprune.rundir import CHECKPOINT
-from fishprune.selection import kept_count
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FAST = ["--dataset", "synthetic", "--model", "lenet300", "--width", "0.25", "--epochs", "1",
@@ -379,68 +380,9 @@ def test_export_of_corrupt_artifacts_exits_1(tmp_path: Path,
 # --------------------------------------------------------------------------- library
 
 
-BAD_SPARSITIES = [1.0, -0.1, float("nan"), float("inf"), "abc", None, True]
-
-
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [(torch.randn(8, 6, generator=gen), torch.randint(3, (8,), generator=gen))]
-
-
-@pytest.mark.parametrize("sparsity", BAD_SPARSITIES)
-def test_library_rejects_bad_sparsity(sparsity: Any) -> None:
-    model = small_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    scores = fp.score(model, "snip", batches())
-    for call in (lambda: fp.select(scores, sparsity),
-                 lambda: fp.prune(model, "snip", sparsity, batches())):
-        with pytest.raises(ValueError, match="sparsity") as info:
-            call()
-        assert "\n" not in str(info.value)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # untouched
-
-
-def test_library_unknown_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown criterion 'nope'.*valid: .*fts"):
-        fp.score(small_model(), "nope", batches())
-    with pytest.raises(ValueError, match="unknown criterion"):
-        fp.prune(small_model(), "nope", 0.5, batches())
-    with pytest.raises(ValueError, match="scope"):
-        fp.select({"a": torch.ones(3)}, 0.5, scope="everywhere")
-    with pytest.raises(ValueError, match="unknown model"):
-        from fishprune.models import build_model
-
-        build_model("nope")
-    with pytest.raises(ValueError, match="unknown dataset"):
-        from fishprune.data import load_dataset
-
-        load_dataset("nope")
-
-
-def test_library_empty_inputs() -> None:
-    with pytest.raises(ValueError, match="batches is empty"):
-        fp.score(small_model(), "snip", [])
-    with pytest.raises(ValueError, match="batches is empty"):
-        fp.prune(small_model(), "fts", 0.5, iter([]))
-    with pytest.raises(ValueError, match="scores is empty"):
-        fp.select({}, 0.5)
-    with pytest.raises(ValueError, match="need the same, non-zero number"):
-        fp.score(small_model(), "snip", [(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))])
-
-
-def test_library_model_without_prunable_layers() -> None:
-    for model in (nn.Sequential(nn.ReLU()), nn.BatchNorm1d(4)):
-        for call in (lambda m=model: fp.score(m, "magnitude", None),
-                     lambda m=model: fp.prune(m, "snip", 0.5, batches())):
-            with pytest.raises(ValueError, match="no prunable weights"):
-                call()
-    with pytest.raises(ValueError, match=r"no prunable weights.*excluding"):
-        fp.score(small_model(), "magnitude", None, exclude=["*"])
 
 
 @pytest.mark.parametrize("criterion", ["snip", "fts", "gn", "grasp", "fbss", "hts", "synflow"])
@@ -451,47 +393,6 @@ def test_library_nan_scores_are_refused(criterion: str) -> None:
         fp.select(scores, 0.5)
     with pytest.raises(ValueError, match="NaN"):
         fp.prune(model, criterion, 0.5, batches(), rounds=1)
-
-
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_all_equal_scores_give_exact_counts(scope: str) -> None:
-    for sparsity in (0.0, 0.1, 0.5, 0.77, 0.95):
-        model = small_model()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(0.5)  # magnitude: every score equal
-        masks = fp.prune(model, "magnitude", sparsity, None, scope=scope)
-        if scope == "global":
-            total = sum(m.numel() for m in masks.values())
-            assert sum(int(m.sum()) for m in masks.values()) == kept_count(1 - sparsity, total)
-        else:
-            for m in masks.values():
-                assert int(m.sum()) == kept_count(1 - sparsity, m.numel())
-
-
-@settings(max_examples=80, deadline=None)
-@given(sparsity=st.floats(allow_nan=True, allow_infinity=True),
-       sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
-       levels=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_select_exact_counts_property(sparsity: float, sizes: list[int], levels: int,
-                                      seed: int) -> None:
-    """Massive ties (1-3 distinct values) never change the count; bad sparsities raise."""
-    gen = torch.Generator().manual_seed(seed)
-    scores = {f"l{i}": torch.randint(levels, (n,), generator=gen).float()
-              for i, n in enumerate(sizes)}
-    if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
-        with pytest.raises(ValueError, match="sparsity"):
-            fp.select(scores, sparsity)
-        return
-    total = sum(sizes)
-    masks = fp.select(scores, sparsity)
-    assert sum(int(m.sum()) for m in masks.values()) == kept_count(1 - sparsity, total)
-    kept = torch.cat([s[m] for s, m in zip(scores.values(), masks.values())])
-    dropped = torch.cat([s[~m] for s, m in zip(scores.values(), masks.values())])
-    if kept.numel() and dropped.numel():
-        assert kept.min() >= dropped.max()  # nothing dropped outranks anything kept
-    for m, s in zip(fp.select(scores, sparsity, scope="layer").values(), scores.values()):
-        assert int(m.sum()) == kept_count(1 - sparsity, s.numel())
 
 
 # --------------------------------------------------------------------------- killed run

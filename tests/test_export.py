@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fishprune as fp
-from fishprune import cli, exporting, pipeline
+from fishprune import cli, pipeline
 from fishprune import config as C
 from fishprune import settings as S
 from fishprune import tensorfiles as tf
@@ -27,10 +27,6 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[C.RunConfig, dic
     out = tmp_path_factory.mktemp("export")
     cfg = S.build({**FAST, "out": str(out)})
     return cfg, pipeline.run(cfg, show_progress=False), cfg.directory()
-
-
-def test_top_level_names() -> None:
-    assert fp.export is exporting.export and fp.load_pruned is exporting.load_pruned
 
 
 def test_cli_export_round_trips(finished: tuple[C.RunConfig, dict, Path],

@@ -146,3 +146,29 @@ def test_report_options_and_errors(sweep_dir, tmp_path):
         make_report(tmp_path / "empty", plots=False)
     assert cli.main(["report", str(sweep_dir), "--formats", "md,xls"]) == 2
     assert cli.main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_only_reads_the_store(sweep_dir, tmp_path, monkeypatch, capsys):
+    """The plots never reload a dataset or rebuild a model: the scored weights come from the
+    cache; when it is gone, that figure is skipped with a note naming the cache."""
+    import shutil
+
+    import fishprune.data
+    import fishprune.pipeline
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the report must not load data or build models")
+
+    monkeypatch.setattr(fishprune.data, "load_dataset", forbidden)
+    monkeypatch.setattr(fishprune.pipeline, "load_dataset", forbidden)
+    monkeypatch.setattr(fishprune.pipeline, "fresh_model", forbidden)
+    _, written = make_report(sweep_dir, out=tmp_path / "with", formats=[])
+    assert any(p.name.startswith("kept-vs-magnitude") for p in written)
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_dir, copy)
+    shutil.rmtree(copy / "_cache")
+    capsys.readouterr()
+    _, written = make_report(copy, out=tmp_path / "without", formats=[])
+    assert not any(p.name.startswith("kept-vs-magnitude") for p in written)
+    assert any(p.name.startswith("acc-vs-sparsity") for p in written)
+    assert "no longer cached" in capsys.readouterr().err
