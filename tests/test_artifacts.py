@@ -429,6 +429,10 @@ def test_load_pruned_refuses_kept_count_mismatch(tmp_path: Path) -> None:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["kept/0.weight"] = torch.cat([tensors["kept/0.weight"], torch.zeros(1)])
+    save_file(tensors, path, meta)  # the old checksum no longer fits: refused as corrupt
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        exporting.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
+    meta.pop(tf.CHECKSUM_KEY)  # a hand-made file without a checksum: the structure is checked
     save_file(tensors, path, meta)
     with pytest.raises(ValueError, match=r"'0\.weight'.*kept"):
         exporting.load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), path)
@@ -444,3 +448,61 @@ def test_load_pruned_refuses_other_formats(tmp_path: Path) -> None:
     tf.save_state(path, model)
     with pytest.raises(ValueError, match="format"):
         exporting.load_pruned(model, path)
+
+
+def test_every_tensor_file_verifies_its_checksum(tmp_path: Path) -> None:
+    """A flipped bit anywhere in the data is refused naming the file (regression: a flipped bit
+    in masks.safetensors made export drop a trained weight and pass its own load-back check)."""
+    masks = {"a.weight": torch.rand(7, 5) > 0.5, "b.weight": torch.rand(3) > 0.5}
+    path = tmp_path / "m.safetensors"
+    tf.save_masks(path, masks)
+    data = bytearray(path.read_bytes())
+    for position in range(len(data) - 1, len(data) - 6, -1):  # the packed mask bytes
+        corrupt = bytearray(data)
+        corrupt[position] ^= 0x01
+        path.write_bytes(bytes(corrupt))
+        with pytest.raises(ValueError, match="m.safetensors: checksum mismatch"):
+            tf.load_masks(path)
+    state = tmp_path / "s.safetensors"
+    tf.save_state(state, {"w": torch.arange(10.0)}, metadata={"note": "x"})
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0x40
+    state.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="s.safetensors: checksum mismatch"):
+        tf.load_state(state)
+
+
+def test_tensor_files_are_byte_reproducible_across_processes(tmp_path: Path) -> None:
+    """Regression: metadata key order varied per process, so equal content gave other bytes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from fishprune import tensorfiles as tf\n"
+        "m = {f'l{i}.weight': torch.arange(12).reshape(3, 4) % (i + 2) == 0 for i in range(6)}\n"
+        "tf.save_masks(sys.argv[1], m, metadata={f'k{i}': str(i) for i in range(9)})\n"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    assert list(tf.load_masks(paths[0])) == [f"l{i}.weight" for i in range(6)]  # stored order
+
+
+@pytest.mark.parametrize("target", ["dir", "/dev/null"])
+def test_unreadable_paths_are_value_errors(target: str, tmp_path: Path) -> None:
+    path = tmp_path if target == "dir" else Path(target)
+    for load in (tf.load_masks, tf.load_state, tf.read_metadata):
+        with pytest.raises(ValueError, match=str(path)):
+            load(path)
+
+
+def test_deeply_nested_metadata_is_a_value_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "deep.safetensors"
+    save_file({"mask/a": torch.zeros(1, dtype=torch.uint8)}, path, {
+        "fishprune.format": "masks", "fishprune.version": tf.FORMAT_VERSION,
+        "fishprune.mask_shapes": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ValueError, match="nested too deeply"):
+        tf.load_masks(path)

@@ -296,10 +296,32 @@ def test_missing_dataset_exits_1_without_network(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("FISHPRUNE_DATA", raising=False)
     monkeypatch.setattr(registry, "download_any", lambda *a, **k: ["http://mirror/x: offline"])
     out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
     status = main(capsys, "run", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"),
                   "--out", str(out), "--quiet")
     line = error_line(capsys, status, 1)
     assert "not found" in line and "--data-dir" in line
+    assert_no_debris(out)
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_a_named_data_dir_is_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: ``--data-dir`` naming a missing or incomplete directory silently fell back to
+    the system copy and trained. Missing: exit 2 naming it; incomplete: only it is searched."""
+    monkeypatch.setattr(registry, "download_any", lambda *a, **k: ["http://mirror/x: offline"])
+    out = tmp_path / "out"
+    nowhere = tmp_path / "nonexistent" / "place"
+    status = main(capsys, "run", "--dataset", "fashion-mnist", "--data-dir", str(nowhere),
+                  "--out", str(out), "--quiet")
+    assert str(nowhere) in error_line(capsys, status, 2)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train-images-idx3-ubyte.gz").write_bytes(
+        (FMNIST / "train-images-idx3-ubyte.gz").read_bytes())
+    status = main(capsys, "run", "--dataset", "fashion-mnist", "--data-dir", str(partial),
+                  "--out", str(out), "--quiet")
+    assert "not found" in error_line(capsys, status, 1)
     assert_no_debris(out)
 
 
@@ -329,12 +351,15 @@ def test_nan_scores_exit_1(command: str, tmp_path: Path, monkeypatch: pytest.Mon
     assert_no_debris(out)
 
 
+@pytest.mark.parametrize("sparsity", ["0.5", "0"])
 @pytest.mark.parametrize("command", SUBCOMMANDS)
-def test_no_prunable_weights_exits_1(command: str, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_left_to_score_exits_2(command: str, sparsity: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: ``--sparsity 0 --exclude '*'`` crashed inside autograd, leaving a run dir."""
     out = tmp_path / "out"
-    status = main(capsys, command, *FAST, "--out", str(out), "--exclude", "*")
-    assert "no prunable weights" in error_line(capsys, status, 1)
+    status = main(capsys, command, *FAST, "--out", str(out), "--exclude", "*",
+                  "--sparsity", sparsity)
+    assert "nothing is left to score" in error_line(capsys, status, 2)
     assert_no_debris(out)
 
 

@@ -146,12 +146,14 @@ def test_parse_idx_is_zero_copy_for_uint8():
 
 def test_search_dirs_order(env, monkeypatch):
     monkeypatch.setenv("FISHPRUNE_DATA", f"{env / 'e1'}:{env / 'e2'}")
-    dirs = search_dirs("mnist", env / "explicit")
-    names = [str(d.relative_to(env)) for d in dirs]
+    names = [str(d.relative_to(env)) for d in search_dirs("mnist")]
     assert names == [
-        "explicit", "explicit/mnist", "e1", "e1/mnist", "e2", "e2/mnist",
+        "e1", "e1/mnist", "e2", "e2/mnist",
         "system", "system/mnist", "cache/fishprune", "cache/fishprune/mnist",
     ]  # fmt: skip
+    # A directory the user names is the only place searched.
+    explicit = [str(d.relative_to(env)) for d in search_dirs("mnist", env / "explicit")]
+    assert explicit == ["explicit", "explicit/mnist"]
 
 
 def test_search_order_data_dir_env_system_cache(env, fake_fmnist, monkeypatch):
@@ -174,8 +176,10 @@ def test_search_order_data_dir_env_system_cache(env, fake_fmnist, monkeypatch):
     assert source() == places["system"]
     monkeypatch.setattr(files_mod, "SYSTEM_DATA_ROOTS", ())
     assert source() == places["cache"]
-    # An explicit directory without the files falls back to the later places.
-    assert source(data_dir=env / "empty") == places["cache"]
+    # An explicit directory without the files is refused, never replaced by a later place.
+    (env / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="empty"):
+        source(data_dir=env / "empty")
 
 
 def test_subfolder_raw_files_and_contents(env, fake_fmnist):

@@ -110,7 +110,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     the training settings other than warm-up are not used). Nothing is trained except a
     configured warm-up, which is cached in ``<out>/_cache`` and shared with ``fishprune run``.
     """
-    from fishprune.pipeline import prepare, scoring_batches
+    from fishprune.pipeline import prepare, scored_parameters, scoring_batches
 
     say = say or (lambda _msg: None)
     cfg.validate()
@@ -119,6 +119,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     prep = prepare(cfg, say)
     ds, train_idx, model, device = prep.ds, prep.train_idx, prep.model, prep.device
     input_shape = tuple(ds.train_x.shape[1:])
+    scored_parameters(cfg, model)  # a usage error when exclude leaves nothing to score
     batches = scoring_batches(cfg, ds, train_idx, device)
     common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude, **p.options}
     rounds = p.rounds if p.rounds is not None else get_criterion(p.criterion).default_rounds

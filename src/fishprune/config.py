@@ -53,6 +53,21 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, hi_open: bool
         _fail(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}; got {value!r}")
 
 
+#: Seeds are 31-bit: every generator and offset fishprune derives from them stays in range.
+MAX_SEED = 2**31 - 1
+
+
+def _check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        _fail(f"{name} must be an integer in [0, {MAX_SEED}]; got {value!r}")
+
+
+def _check_positive(name: str, value: float, *, upper: float = math.inf) -> None:
+    if not (math.isfinite(value) and 0 < value <= upper):
+        bound = f" and at most {upper:g}" if math.isfinite(upper) else ""
+        _fail(f"{name} must be a finite number > 0{bound}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset, split and batches."""
@@ -69,8 +84,16 @@ class DataConfig:
 
         _check_choice("dataset", self.dataset, datasets())
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        _check_seed("split_seed", self.split_seed)
         if self.batch_size < 1:
             _fail(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            _fail(f"data_dir {self.data_dir} is not a directory (it is used as given, never "
+                  "replaced by another location)")
+
+
+#: The largest width multiplier: 64× a zoo model is already far beyond any machine.
+MAX_WIDTH = 64.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +109,7 @@ class ModelConfig:
 
         _check_choice("model", self.model, models())
         _check_choice("init", self.init, INITS)
-        if not self.width > 0 or math.isinf(self.width):
-            _fail(f"width must be a finite number > 0; got {self.width}")
+        _check_positive("width", self.width, upper=MAX_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -170,11 +192,11 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.epochs < 0:
             _fail(f"epochs must be >= 0; got {self.epochs}")
-        if not self.lr > 0 or math.isinf(self.lr):
-            _fail(f"lr must be a finite number > 0; got {self.lr}")
+        _check_positive("lr", self.lr)
         _check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        if self.weight_decay < 0 or math.isnan(self.weight_decay):
-            _fail(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            _fail(f"weight_decay must be a finite number >= 0; got {self.weight_decay}")
+        _check_positive("lr_gamma", self.lr_gamma)
         if list(self.lr_milestones) != sorted(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -199,6 +221,14 @@ class RunConfig:
         for section in SECTIONS:
             getattr(self, section).validate()
         _check_choice("device", self.device, DEVICES)
+        _check_seed("seed", self.seed)
+        if self.prune.options.get("per_sample") and self.prune.score_mode == "train":
+            from fishprune.models import has_batchnorm
+
+            if has_batchnorm(self.model.model, width=self.model.width):
+                _fail(f"per_sample needs per-sample-independent forward passes, but "
+                      f"{self.model.model} has BatchNorm and score_mode=train mixes the samples "
+                      "of a batch: use score_mode=eval")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 No forward pre-hooks and no ``weight_orig`` re-parametrisation: the model stays a plain
 ``nn.Module`` whose ``state_dict`` has its usual keys. During training, :class:`Masker` zeroes the
-gradients of pruned weights before ``optimizer.step()`` and the weights after it, with one
-multi-tensor operation each.
+gradients of pruned weights before ``optimizer.step()`` and the weights after it. Zeros are
+*assigned* (``masked_fill_``), never multiplied in: a NaN or inf gradient times 0 is NaN, and a
+pruned weight must stay exactly 0 whatever the gradient holds.
 """
 
 from __future__ import annotations
@@ -45,33 +46,34 @@ class Masker:
     Call :meth:`mask_grads_` after ``backward()`` and before ``optimizer.step()`` so no update
     (momentum or weight-decay term included) ever sees a pruned gradient, and
     :meth:`mask_weights_` after the step, which guards against optimizer state that was not
-    reset at pruning time. Both are single multi-tensor multiplications.
+    reset at pruning time. Both assign zeros, so NaN or inf gradients cannot reach a pruned
+    weight.
 
     With an optimizer created after pruning, masking the gradients alone is exact (a zero
-    weight with a zero gradient gets a zero update from SGD with momentum and weight decay, Adam
-    and AdamW); ``guard=False`` records that the caller relies on this and skips the weight
-    multiplication (about 3% of a LeNet-300-100 step on a CPU). :meth:`violations` counts
-    pruned weights that are not exactly zero, for a cheap per-epoch check.
+    weight with a zero gradient gets a zero update from SGD with momentum and finite weight
+    decay, Adam and AdamW); ``guard=False`` records that the caller relies on this and skips
+    the weight assignment (a few % of a LeNet-300-100 step on a CPU). :meth:`violations`
+    counts pruned weights that are not exactly zero, for a cheap per-epoch check.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], *, guard: bool = True) -> None:
         pairs = _check(model, masks)
         self.params = [p for p, _ in pairs.values()]
-        self.masks = [m.to(p.dtype) for p, m in pairs.values()]
+        self.pruned = [~m for _, m in pairs.values()]  # True where the weight is pruned
         self.guard = guard
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
-        with_grad = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
-        if with_grad:
-            grads, masks = zip(*with_grad)
-            torch._foreach_mul_(list(grads), list(masks))
+        for p, pruned in zip(self.params, self.pruned):
+            if p.grad is not None:
+                p.grad.masked_fill_(pruned, 0)
 
     @torch.no_grad()
     def mask_weights_(self) -> None:
-        torch._foreach_mul_(self.params, self.masks)
+        for p, pruned in zip(self.params, self.pruned):
+            p.masked_fill_(pruned, 0)
 
     @torch.no_grad()
     def violations(self) -> int:
         """Number of pruned weights that are not exactly zero (0 when all is well)."""
-        return sum(int(((p != 0) & (m == 0)).sum()) for p, m in zip(self.params, self.masks))
+        return sum(int((p.ne(0) & pruned).sum()) for p, pruned in zip(self.params, self.pruned))

@@ -23,7 +23,7 @@ import fishprune as fp
 from fishprune import atomic, cachekeys
 from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
-from fishprune.config import RunConfig
+from fishprune.config import ConfigError, RunConfig
 from fishprune.data import (
     DatasetTensors,
     TensorBatches,
@@ -37,6 +37,7 @@ from fishprune.rundir import RunDir
 from fishprune.sanity import invert_scores, randomize_labels, reinitialize_, shuffle_masks
 from fishprune.timing import timed
 from fishprune.train import (
+    DivergedError,
     EpochMetrics,
     bn_warmup_,
     evaluate,
@@ -74,7 +75,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
     # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
     rd.write_config(cfg)
-    atomic.write_json(rd.provenance, provenance(device))
+    atomic.write_json(rd.provenance, provenance(device, data_source=ds.source))
     if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
@@ -164,6 +165,10 @@ def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
     train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
+    missing = set(ds.train_y.unique().tolist()) - set(ds.train_y[train_idx].unique().tolist())
+    if missing:
+        raise ConfigError(f"val_fraction={cfg.data.val_fraction} leaves no training sample of "
+                          f"{len(missing)} class(es) of {cfg.data.dataset}: use a smaller one")
     loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
     model = initial_model(cfg, ds, device)
     seconds = warm_up(cfg, model, loaders, device, say=say)
@@ -206,7 +211,12 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
             for epoch in range(w.warmup_epochs):
                 set_lr_(optimizer, lr_at(epoch, cfg.train))
                 loaders["train"].set_epoch(epoch)
-                loss, acc = train_epoch(model, loaders["train"], optimizer, None, device=device)
+                try:
+                    loss, acc = train_epoch(model, loaders["train"], optimizer, None,
+                                            device=device)
+                except DivergedError as err:
+                    raise DivergedError(f"warm-up epoch {epoch + 1}: {err} (try a lower --lr)"
+                                        ) from None
                 say(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}: loss {loss:.4f}, "
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
@@ -230,6 +240,15 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
                          std=ds.std, device=device)
 
 
+def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights the run scores and prunes; a usage error when ``exclude`` leaves none."""
+    params = fp.prunable_parameters(model, cfg.prune.exclude)
+    if not params:
+        raise ConfigError(f"nothing is left to score: exclude={list(cfg.prune.exclude)} matches "
+                          f"every prunable weight of {cfg.model.model}")
+    return params
+
+
 def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
                   device: torch.device, rd: RunDir, say: Say
                   ) -> tuple[dict[str, torch.Tensor], float]:
@@ -237,7 +256,7 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
     if rd.masks.exists():
         return tf.load_masks(rd.masks), json.loads(rd.masks_info.read_text())["score_seconds"]
     p = cfg.prune
-    params = fp.prunable_parameters(model, p.exclude)
+    params = scored_parameters(cfg, model)
     if p.sparsity == 0:
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in params.items()}
         seconds = 0.0
@@ -292,8 +311,11 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         bar = tqdm(total=len(loaders["train"]), desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not show_progress, leave=False, file=sys.stderr, dynamic_ncols=True)
         with timed() as elapsed, bar:
-            train_loss, train_acc = train_epoch(model, loaders["train"], optimizer, masker,
-                                                device=device, progress=bar.update)
+            try:
+                train_loss, train_acc = train_epoch(model, loaders["train"], optimizer, masker,
+                                                    device=device, progress=bar.update)
+            except DivergedError as err:
+                raise DivergedError(f"epoch {epoch + 1}: {err} (try a lower --lr)") from None
         if masker.violations():
             raise RuntimeError(f"epoch {epoch + 1}: {masker.violations()} pruned weights are "
                                "non-zero after training steps (a bug: please report it)")

@@ -36,9 +36,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
-    """Package version, git commit, torch/python versions, device and threads, UTC time."""
+def provenance(device: torch.device, *, data_source: str | None = None) -> dict[str, Any]:
+    """Package version, git commit, torch/python versions, device and threads, the data files
+    actually read, UTC time."""
     return {
+        "data_source": data_source,
         "fishprune": __version__,
         "git_commit": git_commit(),
         "torch": torch.__version__,

@@ -13,7 +13,12 @@ a JSON header followed by raw little-endian data. Nothing is ever unpickled on l
 ``fishprune.version``
     ``"1"``. Readers refuse other versions.
 ``fishprune.mask_shapes``
-    (masks, pruned) JSON object ``{param_name: [d0, d1, ...]}`` giving each mask's shape.
+    (masks, pruned) JSON object ``{param_name: [d0, d1, ...]}`` giving each mask's shape, in
+    the model's order (the order masks are returned in).
+``fishprune.sha256``
+    SHA-256 of the content (:func:`content_digest`): every read verifies it, so a flipped bit
+    anywhere in a tensor, a name or the metadata is refused with the file's name. The JSON
+    header is written with sorted keys: equal content gives byte-identical files.
 
 Tensor keys are a fixed prefix followed by the unchanged parameter/buffer name; the prefix is
 split off at the first ``/``, so any name round-trips:
@@ -31,6 +36,7 @@ can never leave the weights of one epoch beside the optimizer state of another.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,10 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from fishprune import atomic
+from fishprune.hashing import canonical_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,6 +67,7 @@ FORMAT_VERSION = "1"
 RESERVED = "fishprune."
 FORMAT_KEY, VERSION_KEY = "fishprune.format", "fishprune.version"
 SHAPES_KEY, ALIASES_KEY = "fishprune.mask_shapes", "fishprune.aliases"
+CHECKSUM_KEY = "fishprune.sha256"
 MASK_PREFIX, KEPT_PREFIX, DENSE_PREFIX = "mask/", "kept/", "dense/"
 
 PathLike = str | os.PathLike[str]
@@ -78,29 +86,58 @@ def check_user_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return metadata
 
 
+def content_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over everything a file holds: every tensor's name, dtype, shape and bytes (in
+    name order) and the metadata (without the checksum itself)."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    layout = [(k, str(tensors[k].dtype), list(tensors[k].shape)) for k in sorted(tensors)]
+    digest.update(canonical_json({"metadata": meta, "tensors": layout}).encode())
+    for key in sorted(tensors):
+        data = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
 def write_file(path: PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically."""
-    with atomic.replacing(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    """Write a safetensors file atomically, with its content checksum in the metadata and its
+    JSON header in a canonical order, so equal content gives byte-identical files."""
+    meta = {**metadata, CHECKSUM_KEY: content_digest(tensors, metadata)}
+    data = save(tensors, metadata=meta)
+    size = int.from_bytes(data[:8], "little")
+    header = canonical_json(json.loads(data[8 : 8 + size])).encode()
+    if len(header) <= size:  # the same JSON, keys sorted; padded with spaces to the same size
+        data = data[:8] + header + b" " * (size - len(header)) + data[8 + size :]
+    atomic.write_bytes(path, data)
 
 
 def read_file(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; corrupt files raise ``ValueError``."""
+    """All tensors and the metadata of a safetensors file, its checksum verified when it has one
+    (every file fishprune writes does); an unreadable or corrupt file raises ``ValueError``."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a safetensors file")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, RuntimeError, ValueError, OverflowError) as err:
+    except (SafetensorError, RuntimeError, ValueError, OverflowError, OSError) as err:
         raise ValueError(f"{path}: not a valid safetensors file ({err})") from err
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and content_digest(tensors, metadata) != expected:
+        raise ValueError(f"{path}: checksum mismatch: the file is corrupt (its content is not "
+                         "what fishprune wrote)")
     return tensors, metadata
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a fishprune safetensors file (user keys and ``fishprune.*``)."""
+    """The string metadata of a fishprune safetensors file (user keys and ``fishprune.*``),
+    unverified: read the file with :func:`read_file` to verify it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a safetensors file")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (SafetensorError, RuntimeError, ValueError, OverflowError) as err:
+    except (SafetensorError, RuntimeError, ValueError, OverflowError, OSError) as err:
         raise ValueError(f"{path}: not a valid safetensors file ({err})") from err
 
 
@@ -121,6 +158,8 @@ def json_metadata(path: PathLike, metadata: dict[str, str], key: str) -> dict[st
         value = json.loads(metadata.get(key, "{}"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err})") from err
+    except RecursionError:
+        raise ValueError(f"{path}: metadata {key!r} is nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: metadata {key!r} must be a JSON object")
     return value
@@ -187,7 +226,7 @@ def decode_masks(
             f"shapes without mask: {sorted(set(shapes) - set(names))}"
         )
     masks = {}
-    for name in names:
+    for name in shapes:  # the stored order: the model's, not the file's sorted key order
         shape = shapes[name]
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape

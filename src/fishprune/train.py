@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -13,6 +14,10 @@ from torch.nn import functional as F
 from fishprune.config import TrainConfig
 from fishprune.masking import Masker
 from fishprune.modes import restored_modes
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss (a learning rate too high, for instance)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,11 @@ def train_epoch(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
-    """One pass of SGD; pruned weights stay exactly zero. Returns (mean loss, accuracy)."""
+    """One pass of SGD; pruned weights stay exactly zero. Returns (mean loss, accuracy).
+
+    Raises :class:`DivergedError` when the loss was NaN or infinite (checked once, at the end:
+    the loss is accumulated on the device, without a synchronization per step).
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -91,7 +100,10 @@ def train_epoch(
         seen += n
         if progress is not None:
             progress(1)
-    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+    mean_loss = float(loss_sum) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise DivergedError(f"training diverged: the loss is {mean_loss}")
+    return mean_loss, int(correct) / max(seen, 1)
 
 
 @torch.no_grad()

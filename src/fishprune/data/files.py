@@ -2,7 +2,8 @@
 
 Search order (the first directory holding a complete set of files wins):
 
-1. the explicit ``data_dir`` argument (``--data-dir``),
+1. the explicit ``data_dir`` argument (``--data-dir``): when given, it is the only place
+   searched, and downloads land there; a named directory is never silently replaced by another,
 2. each directory in ``$FISHPRUNE_DATA`` (``os.pathsep``-separated),
 3. :data:`SYSTEM_DATA_ROOTS` (Debian's ``dataset-*`` packages install under
    ``/usr/share/datasets/<name>``, e.g. ``apt-get install dataset-fashion-mnist``),
@@ -74,12 +75,13 @@ def cache_dir(name: str) -> Path:
 def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Candidate directories for dataset ``name``, in search order, without duplicates."""
     roots: list[Path] = []
-    if data_dir is not None:
+    if data_dir is not None:  # the user's choice: only there
         roots.append(Path(data_dir))
-    env = os.environ.get(DATA_ENV_VAR, "")
-    roots.extend(Path(part) for part in env.split(os.pathsep) if part)
-    roots.extend(SYSTEM_DATA_ROOTS)
-    roots.append(cache_root())
+    else:
+        env = os.environ.get(DATA_ENV_VAR, "")
+        roots.extend(Path(part) for part in env.split(os.pathsep) if part)
+        roots.extend(SYSTEM_DATA_ROOTS)
+        roots.append(cache_root())
     dirs: list[Path] = []
     for root in roots:
         for candidate in (root.expanduser(), root.expanduser() / name):

@@ -165,21 +165,23 @@ def _fetch(
     data_dir: DataDir,
     download: bool,
 ) -> list[Path]:
-    """Paths of ``name``'s files: found locally, else downloaded into the cache."""
+    """Paths of ``name``'s files: found locally, else downloaded (into ``data_dir`` when one is
+    named, else into the cache)."""
     paths, searched = locate(name, layouts, data_dir)
     if paths is not None:
         return paths
     how = _how_to_get(name, downloads)
     if not download:
         raise DatasetNotFoundError(not_found_message(name, searched, how, []))
+    target = Path(data_dir).expanduser() if data_dir is not None else cache_dir(name)
     for filename in downloads:
-        dest = cache_dir(name) / filename
+        dest = target / filename
         if dest.is_file():  # verified when it was downloaded; re-checked when read
             continue
         failures = download_any(MIRRORS[name], filename, dest, CHECKSUMS[name][filename])
         if failures:
             raise DatasetNotFoundError(not_found_message(name, searched, how, failures))
-    return [cache_dir(name) / filename for filename in downloads]
+    return [target / filename for filename in downloads]
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, count: int, source: object) -> torch.Tensor:

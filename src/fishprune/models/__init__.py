@@ -74,6 +74,15 @@ def build_model(
     return initialize_(model, init)
 
 
+def has_batchnorm(name: str, *, width: float = 1.0) -> bool:
+    """Whether zoo model ``name`` has BatchNorm layers (built on the meta device: no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = MODELS[name](in_channels=1, num_classes=10, image_size=32, width=width)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Return the number of scalar parameters of ``model`` (weights, biases, norm affines)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -85,5 +94,6 @@ __all__ = [
     "ModelBuilder",
     "build_model",
     "count_parameters",
+    "has_batchnorm",
     "models",
 ]
