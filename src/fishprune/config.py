@@ -87,9 +87,7 @@ class DataConfig:
         _check_seed("split_seed", self.split_seed)
         if self.batch_size < 1:
             _fail(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            _fail(f"data_dir {self.data_dir} is not a directory (it is used as given, never "
-                  "replaced by another location)")
+
 
 
 #: The largest width multiplier: 64× a zoo model is already far beyond any machine.

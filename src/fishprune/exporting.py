@@ -226,6 +226,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
     if not rd.is_finished():
         raise RunDirError(f"{rd.path} has not finished (no {rd.result.name}); rerun the same "
                           "`fishprune run` command to complete it")
+    problems = rd.verify(cfg)
+    if problems:
+        raise RunDirError(f"{problems[0]}: refusing to export (rerun the same `fishprune run` "
+                          "command to recompute the run)")
     if not rd.best.is_file():
         raise RunDirError(f"{rd.path} has no trained weights ({rd.best.name}); runs with "
                           "--epochs 0 cannot be exported")

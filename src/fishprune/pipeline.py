@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +35,17 @@ from fishprune.data import (
 )
 from fishprune.models import build_model
 from fishprune.provenance import provenance
-from fishprune.rundir import RunDir
+from fishprune.rundir import (
+    BEST,
+    CHECKPOINT,
+    LAYERS,
+    MASKS,
+    MASKS_INFO,
+    METRICS,
+    PROVENANCE,
+    RESULT,
+    RunDir,
+)
 from fishprune.sanity import invert_scores, randomize_labels, reinitialize_, shuffle_masks
 from fishprune.timing import timed
 from fishprune.train import (
@@ -65,21 +77,36 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
     say = echo or (lambda _msg: None)
     cfg.validate()
     rd = RunDir.of(cfg)
+    problems = rd.verify(cfg)
+    if problems:  # never resume from, or skip on, artifacts that are not what was written
+        moved = rd.quarantine()
+        say(f"WARNING: {problems[0]}" + (f" (and {len(problems) - 1} more)" if problems[1:] else "")
+            + f"; the run directory was moved to {moved} and the run is recomputed")
     if rd.is_finished():
         say(f"already finished: {rd.result}")
         return json.loads(rd.result.read_text())
     rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
+    rd.error.unlink(missing_ok=True)  # a new attempt
+    try:
+        return _run(cfg, rd, show_progress, say)
+    except Exception as err:
+        if rd.path.is_dir():  # the failure is recorded where the run lives (see rundir)
+            rd.record_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
+        raise
+
+
+def _run(cfg: RunConfig, rd: RunDir, show_progress: bool, say: Say) -> dict[str, Any]:
     prep = prepare(cfg, say)
     ds, model, device = prep.ds, prep.model, prep.device
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
     rd.write_config(cfg)
-    atomic.write_json(rd.provenance, provenance(device, data_source=ds.source))
+    rd.write_json(PROVENANCE, provenance(device, data_source=ds.source))
     if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
-    atomic.write_json(rd.layers, report.to_dict())
+    rd.write_json(LAYERS, report.to_dict())
     say(report.table())
     if (report.collapsed or report.disconnected) and cfg.prune.on_collapse != "ignore":
         message = report.warning()
@@ -110,8 +137,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         "train_seconds": sum(h.seconds for h in history),
         "epochs": len(history),
     }
-    atomic.write_json(rd.result, result)
-    rd.checkpoint.unlink(missing_ok=True)  # the result and the best weights supersede it
+    rd.write_json(RESULT, result)
+    rd.discard(CHECKPOINT)  # the result and the best weights supersede it
     say(f"best validation accuracy {_pct(result['best_val_acc'])} (epoch {best_epoch}); "
         f"test accuracy {_pct(test_acc)}  →  {rd.path}")
     return result
@@ -163,7 +190,11 @@ class Prepared:
 def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
+    data_dir = cfg.data.data_dir
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise ConfigError(f"data_dir {data_dir} is not a directory (a directory you name is used "
+                          "as given, never replaced by another location)")
+    ds = load_dataset(cfg.data.dataset, data_dir)
     train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
     missing = set(ds.train_y.unique().tolist()) - set(ds.train_y[train_idx].unique().tolist())
     if missing:
@@ -253,10 +284,14 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
                   device: torch.device, rd: RunDir, say: Say
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """Score and select (or load the stored masks). Leaves the model's weights untouched."""
-    if rd.masks.exists():
-        return tf.load_masks(rd.masks), json.loads(rd.masks_info.read_text())["score_seconds"]
     p = cfg.prune
     params = scored_parameters(cfg, model)
+    if rd.masks.exists():  # verified by run(): its checksum, exact count and layer order
+        masks = tf.load_masks(rd.masks)
+        if list(masks) != list(params):
+            raise ValueError(f"{rd.masks} masks {list(masks)}, the model's prunable weights are "
+                             f"{list(params)}")
+        return masks, rd.read_json(MASKS_INFO)["score_seconds"]
     if p.sparsity == 0:
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in params.items()}
         seconds = 0.0
@@ -282,8 +317,9 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
         masks = shuffle_masks(masks, seed=cfg.seed)
     rd.path.mkdir(parents=True, exist_ok=True)
     # The masks last: their existence is what marks this stage done (see above).
-    atomic.write_json(rd.masks_info, {"score_seconds": seconds})
+    rd.write_json(MASKS_INFO, {"score_seconds": seconds})
     tf.save_masks(rd.masks, masks)
+    rd.record(MASKS)
     return masks, seconds
 
 
@@ -327,10 +363,12 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
             best = metrics
             tf.save_state(rd.best, model)
         save_history(rd, model, optimizer, history)
+        rd.record(BEST, CHECKPOINT, METRICS)
         say(f"epoch {metrics.epoch:3d}/{t.epochs}  loss {train_loss:.4f}  train {_pct(train_acc)}"
             f"  val {_pct(metrics.val_acc)}  lr {metrics.lr:.4g}  {metrics.seconds:.1f}s")
     if best is None:  # no training (epochs 0): store the pruned initialization that is tested
         tf.save_state(rd.best, model)
+        rd.record(BEST)
     elif "val" in loaders:
         model.load_state_dict(tf.load_state(rd.best))
     else:  # no validation split: the last epoch, never a test-set choice

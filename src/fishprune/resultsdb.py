@@ -4,7 +4,9 @@ The run directories are the source of truth; the database is an index that
 :func:`index_dir` can always rebuild from them. One row per run in ``runs``:
 
 * identity: ``run_id`` (primary key), ``label``, ``method`` (the criterion, or ``dense`` at
-  sparsity 0), ``status`` (``finished``, ``failed`` or ``incomplete``), ``error``, ``run_dir``;
+  sparsity 0), ``status`` (``finished``, ``failed``, ``incomplete`` or ``corrupt``: its
+  artifacts fail :meth:`~fishprune.rundir.RunDir.verify`, named in ``error``), ``error``,
+  ``run_dir``;
 * every flat setting of :class:`~fishprune.config.RunConfig` under its own name (lists as JSON
   text, booleans as 0/1);
 * metrics from ``result.json``: ``test_acc``, ``test_loss``, ``best_val_acc``, ``best_epoch``,
@@ -30,7 +32,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fishprune import atomic
 from fishprune import config as C
 from fishprune import settings as S
 from fishprune.rundir import RunDir
@@ -65,8 +66,38 @@ def columns() -> dict[str, str]:
             **{t: "TEXT" for t in TIMES}}
 
 
+class CorruptDatabase(sqlite3.DatabaseError):
+    """The file is not a readable SQLite database."""
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
-    """Open (creating or upgrading) a results database in WAL mode; rows come as dicts."""
+    """Open (creating or upgrading) a results database in WAL mode; rows come as dicts.
+
+    A file SQLite cannot read (``file is not a database``, a malformed image) is moved aside to
+    ``<name>.corrupt-<UTC time>`` with a warning naming both files, and a new one is created: the
+    run directories are the source of truth and :func:`index_dir` rebuilds it from them.
+    """
+    try:
+        return _connect(path)
+    except sqlite3.DatabaseError as err:
+        if str(path) == ":memory:" or (isinstance(err, sqlite3.OperationalError) and (
+            "unable to open" in str(err)
+        )):
+            raise
+        import warnings
+
+        path = Path(path)
+        stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        warnings.warn(f"{path} could not be read ({err}); moved to {aside}, rebuilding it from "
+                      "the run directories", stacklevel=2)
+        return _connect(path)
+
+
+def _connect(path: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=60)
     conn.row_factory = lambda cur, row: {d[0]: v for d, v in zip(cur.description, row)}
     conn.execute("PRAGMA journal_mode=WAL")
@@ -85,6 +116,9 @@ def connect(path: str | Path) -> sqlite3.Connection:
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                      (str(SCHEMA_VERSION),))
+    if conn.execute("PRAGMA quick_check").fetchone()["quick_check"] != "ok":
+        conn.close()
+        raise sqlite3.DatabaseError("database disk image is malformed (quick_check)")
     return conn
 
 
@@ -132,16 +166,20 @@ def row_from_dir(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     error = _read_json(rd.error)
     prov = _read_json(rd.provenance) or {}
     sparsity = settings.get("sparsity")
+    problems = rd.verify()
+    status = ("corrupt" if problems else "finished" if result else
+              "failed" if error else "incomplete")
     row: dict[str, Any] = {
         "run_id": config.get("run_id", run_dir.name), "label": config.get("label"),
         "method": "dense" if sparsity == 0 else settings.get("criterion"),
-        "status": "finished" if result else ("failed" if error else "incomplete"),
-        "error": None if result or not error else error.get("error"),
+        "status": status,
+        "error": "; ".join(problems) if problems else (
+            None if result or not isinstance(error, dict) else error.get("error")),
         "run_dir": run_dir.name, **settings,
         "started_at": prov.get("started"), "indexed_at": _now(),
     }
     row.update({col: prov.get(key) for col, key in PROVENANCE.items()})
-    if result:
+    if result and not problems:
         row.update({k: result.get(k) for k in METRICS if k in result})
         row.update({k: result.get(k) for k in TIMINGS})
         row["epochs_trained"] = result.get("epochs")
@@ -213,7 +251,10 @@ def open_index(root: str | Path, *, refresh: bool = False) -> sqlite3.Connection
         conn = connect(root / DB_NAME)
     except sqlite3.OperationalError:
         conn, refresh = connect(":memory:"), True
-    on_disk = {d.name for d in run_dirs(root) if RunDir(d).is_finished()}
+    dirs = run_dirs(root)
+    if not dirs:  # a database without its run directories (a copy): read it as it is
+        return conn
+    on_disk = {d.name for d in dirs if RunDir(d).is_finished()}
     indexed = {r["run_dir"] for r in conn.execute(
         "SELECT run_dir FROM runs WHERE status = 'finished'")}
     if refresh or on_disk != indexed:
@@ -223,16 +264,8 @@ def open_index(root: str | Path, *, refresh: bool = False) -> sqlite3.Connection
 
 def record_failure(run_dir: str | Path, cfg: C.RunConfig, error: str,
                    traceback: str | None = None) -> None:
-    """Leave ``error.json`` in a run directory (cleared when the run is tried again), and its
-    ``config.json`` if the run died before writing one, so the failure survives a rebuild."""
-    rd = RunDir(Path(run_dir))
-    if not rd.is_run():
-        rd.write_config(cfg)
-    atomic.write_json(rd.error, {"error": error, "traceback": traceback, "time": _now()})
-
-
-def clear_failure(run_dir: str | Path) -> None:
-    RunDir(Path(run_dir)).error.unlink(missing_ok=True)
+    """Leave ``error.json`` in a run directory (see :meth:`RunDir.record_error`)."""
+    RunDir(Path(run_dir)).record_error(cfg, error, traceback)
 
 
 def fetch(conn: sqlite3.Connection, status: str | None = "finished") -> list[dict[str, Any]]:

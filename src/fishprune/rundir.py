@@ -15,7 +15,16 @@
 ``error.json``           why the last attempt failed (cleared when the run is tried again)
 ``run.log``              what a sweep worker printed
 ``pruned.safetensors``   the compact export (``fishprune export``)
+``manifest.json``        the SHA-256 of every artifact above it in this table
 =======================  ==========================================================
+
+Verification. Every artifact is recorded in ``manifest.json`` right after it is written, and
+:meth:`RunDir.verify` checks, before a run is resumed or skipped, indexed, reported or exported,
+that every recorded file exists with its recorded hash, that no artifact is unrecorded (a kill
+between a write and its record), that ``config.json`` still hashes to the directory's run id,
+and that the masks keep exactly the count the settings ask for and agree with ``layers.json``
+and ``result.json``. A run that fails is moved aside whole (:meth:`RunDir.quarantine`, into
+``<out>/_corrupt/``) and recomputed; every stage is deterministic, so the numbers are the same.
 """
 
 from __future__ import annotations
@@ -42,6 +51,11 @@ RESULT = "result.json"
 ERROR = "error.json"
 LOG = "run.log"
 EXPORTED = "pruned.safetensors"
+MANIFEST = "manifest.json"
+#: The artifacts recorded in the manifest (the stages' outputs).
+TRACKED = (CONFIG, PROVENANCE, MASKS_INFO, MASKS, LAYERS, CHECKPOINT, METRICS, BEST, RESULT)
+#: Where run directories that fail verification are moved, under ``out``.
+QUARANTINE = "_corrupt"
 
 
 class RunDirError(ValueError):
@@ -74,6 +88,7 @@ class RunDir:
     error = property(lambda self: self.path / ERROR)
     log = property(lambda self: self.path / LOG)
     exported = property(lambda self: self.path / EXPORTED)
+    manifest = property(lambda self: self.path / MANIFEST)
 
     def is_run(self) -> bool:
         """Whether this is a run directory at all (it has a ``config.json``)."""
@@ -86,8 +101,37 @@ class RunDir:
     def write_config(self, cfg: RunConfig) -> None:
         """Store ``cfg`` (every setting, plus the derived id and label) as ``config.json``."""
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(self.config, {"run_id": cfg.run_id(), "label": cfg.label(),
-                                        **cfg.to_dict()})
+        self.write_json(CONFIG, {"run_id": cfg.run_id(), "label": cfg.label(), **cfg.to_dict()})
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write the JSON artifact ``name`` atomically and record it in the manifest."""
+        atomic.write_json(self.path / name, obj)
+        self.record(name)
+
+    def recorded(self) -> dict[str, str]:
+        """The manifest: artifact name → SHA-256 (empty when there is none)."""
+        if not self.manifest.exists():
+            return {}
+        data = self.read_json(MANIFEST)
+        if not isinstance(data, dict):
+            raise RunDirError(f"{self.manifest} does not hold a manifest object")
+        return data
+
+    def record(self, *names: str) -> None:
+        """Record the current hash of artifacts ``names`` (a missing one is unrecorded)."""
+        manifest = self.recorded()
+        for name in names:
+            path = self.path / name
+            if path.exists():
+                manifest[name] = atomic.sha256_file(path)
+            else:
+                manifest.pop(name, None)
+        atomic.write_json(self.manifest, manifest)
+
+    def discard(self, name: str) -> None:
+        """Delete artifact ``name`` and its record."""
+        (self.path / name).unlink(missing_ok=True)
+        self.record(name)
 
     def read_json(self, name: str) -> Any:
         """The parsed JSON artifact ``name``; :class:`RunDirError` naming the file otherwise."""
@@ -113,6 +157,91 @@ class RunDir:
             return from_dict(data)
         except (ConfigError, TypeError) as err:
             raise RunDirError(f"{self.config}: {err}") from None
+
+    def verify(self, cfg: RunConfig | None = None) -> list[str]:
+        """Every problem found (empty: the run directory is intact); see the module docstring.
+
+        ``cfg`` is the configuration the caller expects (default: the one in ``config.json``).
+        """
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            return []
+        try:
+            manifest = self.recorded()
+        except RunDirError as err:
+            return [str(err)]
+        present = [n for n in TRACKED if (self.path / n).exists()]
+        if present and not manifest:
+            return [f"{self.manifest} is missing: the artifacts cannot be verified"]
+        problems = []
+        for name in sorted(set(present) | set(manifest)):
+            path = self.path / name
+            if name not in manifest:
+                problems.append(f"{path} is not recorded in {MANIFEST}")
+            elif not path.exists():
+                problems.append(f"{path} is recorded in {MANIFEST} but missing")
+            elif atomic.sha256_file(path) != manifest[name]:
+                problems.append(f"{path} does not match its checksum in {MANIFEST}")
+        if problems or CONFIG not in present:
+            return problems
+        try:
+            stored = self.read_config()
+        except RunDirError as err:
+            return [str(err)]
+        if stored.run_id() != self.path.name:
+            return [f"{self.config} holds the settings of run {stored.run_id()}, not of "
+                    f"{self.path.name}"]
+        if cfg is not None and cfg.run_id() != stored.run_id():
+            return [f"{self.config} is not the configuration of run {cfg.run_id()}"]
+        return self._consistency(stored)
+
+    def _consistency(self, cfg: RunConfig) -> list[str]:
+        """Masks with the exact kept count, agreeing with ``layers.json`` and ``result.json``."""
+        from fishprune import tensorfiles as tf
+        from fishprune.selection import expected_kept
+
+        if not self.masks.exists():
+            return []
+        try:
+            masks = tf.load_masks(self.masks)
+        except ValueError as err:
+            return [str(err)]
+        kept = {n: int(m.sum()) for n, m in masks.items()}
+        problem = expected_kept(masks, cfg.prune.sparsity, cfg.prune.scope)
+        if problem:
+            return [f"{self.masks}: {problem}"]
+        checks = []
+        if self.layers.exists():
+            layers = self.read_json(LAYERS).get("layers", [])
+            if [(lay.get("name"), lay.get("kept")) for lay in layers] != list(kept.items()):
+                checks.append(f"{self.layers} does not agree with {self.masks.name}")
+        if self.result.exists():
+            result = self.read_json(RESULT)
+            if not isinstance(result, dict) or result.get("kept") != sum(kept.values()):
+                checks.append(f"{self.result} does not agree with {self.masks.name}")
+        return checks
+
+    def quarantine(self) -> Path:
+        """Move this run directory whole to ``<out>/_corrupt/<name>-<UTC time>``; return it."""
+        import datetime as dt
+
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        target = self.path.parent / QUARANTINE / f"{self.path.name}-{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path.rename(target)
+        return target
+
+    def record_error(self, cfg: RunConfig, error: str, traceback: str | None = None) -> None:
+        """Leave ``error.json`` (and ``config.json`` if the run died before writing one), so the
+        failure survives a rebuild of the results database; best effort (a full disk)."""
+        import contextlib
+        import datetime as dt
+
+        with contextlib.suppress(OSError):
+            if not self.is_run():
+                self.write_config(cfg)
+            atomic.write_json(self.error, {
+                "error": error, "traceback": traceback,
+                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
 
     def remove_stale_temps(self) -> None:
         """Delete what killed atomic writes left here (see :mod:`fishprune.atomic`)."""

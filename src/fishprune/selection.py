@@ -83,6 +83,21 @@ def _top(flat: Tensor, k: int) -> Tensor:
     return above | (ties & (torch.cumsum(ties, 0) <= room))
 
 
+def expected_kept(masks: dict[str, Tensor], sparsity: float, scope: str = "global") -> str | None:
+    """Why ``masks`` do not keep exactly what :func:`select` keeps at ``sparsity`` (None: they
+    do): the total for ``scope="global"``, every tensor's count for ``"layer"``."""
+    density = 1.0 - sparsity
+    if scope == "layer":
+        for name, m in masks.items():
+            want = kept_count(density, m.numel())
+            if int(m.sum()) != want:
+                return f"{name} keeps {int(m.sum())} weights, the exact count is {want}"
+        return None
+    total = sum(m.numel() for m in masks.values())
+    kept, want = sum(int(m.sum()) for m in masks.values()), kept_count(density, total)
+    return None if kept == want else f"the masks keep {kept} weights, the exact count is {want}"
+
+
 def density_of(masks: dict[str, Tensor]) -> float:
     """Kept fraction of all masked weights."""
     total = sum(m.numel() for m in masks.values())

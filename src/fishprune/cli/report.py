@@ -25,7 +25,8 @@ def add(subparsers: Any, name: str, parents: list[argparse.ArgumentParser]) -> N
                    help="sparsity of the per-layer tables and plots (default: the highest)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.add_argument("--reindex", action="store_true",
-                   help="rebuild results.sqlite from the run directories first")
+                   help="rebuild results.sqlite from the run directories first (they are "
+                        "always re-verified)")
 
 
 def main(args: argparse.Namespace) -> int:

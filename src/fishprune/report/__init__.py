@@ -1,10 +1,13 @@
 """``make_report``: paper-style tables (and plots) from a directory's results database.
 
-Reads only the store: ``DIR/results.sqlite``, re-indexed from the run directories when it is
-missing, out of date (finished runs added or removed) or with ``reindex``; nothing is
-recomputed. Per row the best mean is **bold** and every mean within the best method's std is
-underlined (the FTS paper's convention); comparisons use the printed, rounded numbers, so
-printed ties are ties (all bold), and with one seed only ties are marked.
+Reads only the store: ``DIR/results.sqlite``, re-indexed from the run directories first, so
+every run is verified (``RunDir.verify``); a corrupt run is refused by name, never silently
+dropped (rerun the sweep to recompute it). A database without its run directories (a copy) is
+read as it is. Nothing is recomputed.
+
+Per row the best mean is **bold** and every mean within the best method's std is underlined
+(the FTS paper's convention); comparisons use the printed, rounded numbers, so printed ties are
+ties (all bold), and with one seed only ties are marked.
 
 Markdown is returned; ``report.md``, ``report.tex`` and long-format CSVs (``runs.csv``: one row
 per run; ``summary.csv``: group × method × sparsity; ``layers.csv``) go to the report
@@ -39,15 +42,25 @@ def make_report(root: str | Path, *, metric: str = "test_acc", out: str | Path |
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory")
-    conn = db.open_index(root, refresh=reindex)
+    if layer_sparsity is not None and not 0 <= layer_sparsity < 1:  # NaN fails too
+        raise ConfigError(f"--layer-sparsity must be a sparsity in [0, 1); got {layer_sparsity}")
+    conn = db.open_index(root, refresh=True)  # verifies every run directory (reindex: always)
     try:
         runs, everything, layers = db.fetch(conn), db.fetch(conn, None), db.fetch_layers(conn)
     finally:
         conn.close()
+    corrupt = [r for r in everything if r["status"] == "corrupt"]
+    if corrupt:
+        raise ConfigError(f"{len(corrupt)} run(s) in {root} are corrupt, e.g. {corrupt[0]['error']}"
+                          "; rerun the sweep (or the run) to recompute them")
     if not runs:
         raise ConfigError(f"{root} holds no finished run (run `fishprune sweep` first)")
     tables = build_tables(runs, metric)
     lts = [lt for t in tables if (lt := layer_table(t, layers, layer_sparsity)) is not None]
+    if layer_sparsity is not None and not lts:
+        found = sorted({s for t in tables for s in t.sparsities})
+        raise ConfigError(f"no run at --layer-sparsity {layer_sparsity:g} (sparsities: "
+                          f"{', '.join(f'{s:g}' for s in found)})")
     md = "\n".join([f"# fishprune report: {root}", "",
                     *[markdown(t) for t in tables], *[layer_markdown(lt) for lt in lts]])
     target = Path(out) if out else root / "report"

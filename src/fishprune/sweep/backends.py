@@ -230,6 +230,34 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+#: Seconds to wait for a Ray head's port before giving up (Ray itself retries for minutes).
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Fail fast, in one line, when an explicit ``host:port`` Ray address does not answer.
+
+    ``auto`` and ``local`` are left to Ray (they name no host); ``ray://host:port`` (Ray
+    Client) and ``host:port`` (the GCS) are probed with a TCP connection.
+    """
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise C.ConfigError(f"--address must be auto, local, host:port or ray://host:port; "
+                            f"got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)),
+                                      timeout=timeout):
+            pass
+    except OSError as err:
+        raise RuntimeError(f"cannot reach the Ray cluster at {address} within {timeout:g} s "
+                           f"({err.strerror or err})") from None
+
+
 def make_backend(name: str, workers: int | None, address: str | None,
                  cpus_per_run: int | None) -> Backend:
     if name == "ray":

@@ -33,7 +33,7 @@ from fishprune import config as C
 from fishprune import resultsdb as db
 from fishprune.pipeline import resolve_device
 from fishprune.rundir import RunDir
-from fishprune.sweep.backends import Backend, Task, make_backend
+from fishprune.sweep.backends import Backend, Task, check_ray_address, make_backend
 from fishprune.sweep.grid import Sweep
 
 Say = Callable[[str], None]
@@ -88,8 +88,6 @@ def drive(todo: list[C.RunConfig], backend: Backend, conn: Any, say: Say) -> dic
         while queues["prepare"] or queues["run"] or in_flight:
             while len(in_flight) < backend.slots and (queues["prepare"] or queues["run"]):
                 task = (queues["prepare"] or queues["run"]).popleft()
-                if task.kind == "run":
-                    db.clear_failure(task.cfg.directory())
                 in_flight[backend.submit(task)] = task
             for handle in backend.wait(list(in_flight)):
                 task = in_flight.pop(handle)
@@ -129,7 +127,8 @@ def describe(sweep: Sweep) -> list[str]:
     lines = [f"axes: {k} = {', '.join(map(str, v))}" for k, v in sweep.axes.items()]
     for cfg in sweep.runs:
         rd = RunDir.of(cfg)
-        state = "finished" if rd.is_finished() else "partial" if rd.is_run() else "new"
+        state = ("corrupt" if rd.verify(cfg) else "finished" if rd.is_finished() else
+                 "partial" if rd.is_run() else "new")
         lines.append(f"  {cfg.run_id()}  {state:<8}  {cfg.label()}")
     return lines
 
@@ -142,14 +141,23 @@ def run_sweep(sweep: Sweep, *, backend: str = "local", workers: int | None = Non
         raise C.ConfigError(f"--workers must be >= 1; got {workers}")
     if cpus_per_run is not None and cpus_per_run < 1:
         raise C.ConfigError(f"--cpus-per-run must be >= 1; got {cpus_per_run}")
+    if address and backend != "ray":  # checked before anything is created
+        raise C.ConfigError("--address needs --backend ray")
+    if backend == "ray" and address:
+        check_ray_address(address)
     sweep.out.mkdir(parents=True, exist_ok=True)
     with driver_lock(sweep.out):
         conn = db.connect(sweep.out / db.DB_NAME)
         try:
             db.index_dir(conn, sweep.out)
-            todo = [cfg for cfg in sweep.runs if not RunDir.of(cfg).is_finished()]
+            corrupt = {cfg.run_id(): problems for cfg in sweep.runs
+                       if (problems := RunDir.of(cfg).verify(cfg))}
+            for run_id, problems in corrupt.items():
+                say(f"corrupt: {problems[0]}; {run_id} is recomputed")
+            todo = [cfg for cfg in sweep.runs
+                    if cfg.run_id() in corrupt or not RunDir.of(cfg).is_finished()]
             say(f"sweep {sweep.out}: {len(sweep.runs)} runs, {len(sweep.runs) - len(todo)} "
-                f"finished, {len(todo)} to run")
+                f"finished, {len(todo)} to run" + (f" ({len(corrupt)} corrupt)" if corrupt else ""))
             counts = {"finished": 0, "failed": 0}
             if todo:
                 engine = make_backend(backend, workers, address, cpus_per_run)
