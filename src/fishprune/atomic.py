@@ -1,11 +1,12 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
 Every writer goes through :func:`replacing`: the bytes land in a hidden temporary file in the
-destination's directory (``.{name}.{random}.tmp{suffix}``, so the suffix survives for libraries
-that detect the format from it), are ``fsync``-ed, and only then ``os.replace`` the destination,
-after which the directory is ``fsync``-ed too. On any exception the temporary file is removed
-and the old file is left untouched; a process killed mid-write leaves a temporary file that
-:func:`remove_stale_temps` deletes.
+destination's directory (``.{name}~{pid}@{host}~{random}.tmp{suffix}``, so the suffix survives
+for libraries that detect the format from it), are ``fsync``-ed, and only then ``os.replace``
+the destination, after which the directory is ``fsync``-ed too. On any exception the temporary
+file is removed and the old file is left untouched. A process killed mid-write leaves a
+temporary file; :func:`remove_stale_temps` deletes those whose writer is dead (its pid no longer
+runs on this host), never one that another live process is still writing (a shared cache).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +26,37 @@ from typing import Any, Literal
 PathLike = str | os.PathLike[str]
 
 
+_OWNER = re.compile(r"~(\d+)@(.+)~[0-9a-f]{8}\.(?:tmp|part)")
+
+
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """A hidden temporary name next to ``path`` that says which process writes it."""
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    return path.with_name(f".{path.name}~{owner}~{secrets.token_hex(4)}.{kind}{path.suffix}")
+
+
+def is_stale(tmp: Path) -> bool:
+    """Whether the temporary file ``tmp`` was left by a process that is gone (a name without
+    an owner, from an older fishprune, counts as left behind)."""
+    match = _OWNER.search(tmp.name)
+    if match is None:
+        return True
+    pid, host = int(match.group(1)), match.group(2)
+    if host != socket.gethostname():
+        return False  # another machine's writer: cannot tell, leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _create_temp(path: Path) -> Path:
     """Create an empty, exclusively named temporary file next to ``path`` (umask applies)."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        tmp = temp_name(path)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -116,13 +146,17 @@ def write_json(
     write_text(path, text + "\n")
 
 
-def remove_stale_temps(directory: PathLike) -> None:
-    """Delete the temporary files of atomic writes that a killed process left in ``directory``
-    (the files they were to replace are intact)."""
+def remove_stale_temps(directory: PathLike, pattern: str = ".*.tmp*") -> list[Path]:
+    """Delete the temporary files that killed processes left in ``directory`` (the files they
+    were to replace are intact); return them. Files of live writers are left alone."""
     directory = Path(directory)
+    removed = []
     if directory.is_dir():
-        for tmp in directory.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
+        for tmp in directory.glob(pattern):
+            if is_stale(tmp):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def sha256_file(path: PathLike, *, chunk_size: int = 1 << 20) -> str:

@@ -201,17 +201,33 @@ def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
         raise ConfigError(f"val_fraction={cfg.data.val_fraction} leaves no training sample of "
                           f"{len(missing)} class(es) of {cfg.data.dataset}: use a smaller one")
     loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
-    model = initial_model(cfg, ds, device)
+    atomic.remove_stale_temps(cachekeys.cache_dir(cfg))  # left by killed writers only
+    model = initial_model(cfg, ds, device, say)
     seconds = warm_up(cfg, model, loaders, device, say=say)
     return Prepared(ds, train_idx, val_idx, loaders, model, device, seconds)
 
 
-def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> nn.Module:
+def load_cached(path: Path, say: Say) -> dict[str, torch.Tensor] | None:
+    """A cached state (verified by its checksum), or None when it is absent or corrupt (then
+    deleted, with a warning naming it, and recomputed by the caller: the cache is derived)."""
+    if not path.exists():
+        return None
+    try:
+        return tf.load_state(path)
+    except ValueError as err:
+        say(f"WARNING: {err}; recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device,
+                  say: Say = lambda _m: None) -> nn.Module:
     """The seeded initialization, cached for every run sharing it (:mod:`fishprune.cachekeys`)."""
     model = fresh_model(cfg, ds, seed=cfg.seed)
     path = cachekeys.init_path(cfg)
-    if path.exists():
-        model.load_state_dict(tf.load_state(path))
+    cached = load_cached(path, say)
+    if cached is not None:
+        model.load_state_dict(cached)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         tf.save_state(path, model)
@@ -232,8 +248,9 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
     path = cachekeys.warmup_path(cfg, device.type)
     if path is None:
         return 0.0
-    if path.exists():
-        model.load_state_dict(tf.load_state(path))
+    cached = load_cached(path, say)
+    if cached is not None:
+        model.load_state_dict(cached)
         say(f"warm-up loaded from {path}")
         return float(tf.read_metadata(path).get("seconds", 0.0))
     with timed() as elapsed:

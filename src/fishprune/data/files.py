@@ -22,12 +22,12 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from fishprune import atomic
 from fishprune._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,10 @@ def verify_bytes(path: Path, data: bytes, md5: str, what: str = "content") -> No
     _VERIFIED.add(key)
 
 
-def download_file(url: str, dest: Path, md5: str, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Download ``url`` to ``dest`` atomically, verifying its MD5.
+def download_file(url: str, dest: Path, md5: str, *, size: int | None = None,
+                  timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Download ``url`` to ``dest`` atomically, verifying its MD5 (and, while streaming, that
+    it is no larger than the published ``size``, so a bogus download stops early).
 
     Raises:
         ChecksumError: the downloaded bytes do not have MD5 ``md5`` (nothing is left behind).
@@ -176,13 +178,17 @@ def download_file(url: str, dest: Path, md5: str, *, timeout: float = DOWNLOAD_T
             (``urllib.error.URLError`` and ``HTTPError`` are subclasses of ``OSError``).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(dest.parent, f".{dest.name}~*.part*")  # killed downloads
     request = urllib.request.Request(url, headers={"User-Agent": f"fishprune/{__version__}"})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    tmp = atomic.temp_name(dest, "part")
     try:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        written = 0
+        with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
             while chunk := resp.read(_CHUNK):
+                written += len(chunk)
+                if size is not None and written > size:
+                    raise ChecksumError(f"{url}: more than the published {size} bytes; stopped")
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != md5:
@@ -201,7 +207,8 @@ def _describe(error: Exception) -> str:
     return str(getattr(error, "reason", None) or error)
 
 
-def download_any(mirrors: Sequence[str], filename: str, dest: Path, md5: str) -> list[str]:
+def download_any(mirrors: Sequence[str], filename: str, dest: Path, md5: str,
+                 size: int | None = None) -> list[str]:
     """Try ``mirror + filename`` for each mirror until one downloads and verifies.
 
     Returns an empty list on success, else one ``"url: reason"`` line per failed mirror.
@@ -215,7 +222,7 @@ def download_any(mirrors: Sequence[str], filename: str, dest: Path, md5: str) ->
         url = mirror + filename
         logger.info("downloading %s to %s", url, dest)
         try:
-            download_file(url, dest, md5)
+            download_file(url, dest, md5, size=size)
             return []
         except ChecksumError as error:
             bad_checksum = True
