@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import re
 import socket
 import tarfile
@@ -595,3 +596,39 @@ def test_batches_validation(small):
         )
     with pytest.raises(ValueError, match="3 values"):
         TensorBatches(small.train_x, small.train_y, batch_size=4, mean=(0.5,), std=(0.5,))
+
+
+def test_a_bogus_download_stops_at_the_published_size(env, fake_fmnist, http_root, monkeypatch):
+    """Regression: a bogus download was written in full before its checksum rejected it."""
+    root, url = http_root
+    write_idx_set(root, fake_fmnist)
+    (root / "train-images-idx3-ubyte.gz").write_bytes(b"\0" * 3_000_000)  # a bogus mirror
+    monkeypatch.setitem(registry.MIRRORS, "fashion-mnist", (url,))
+    sizes = dict(registry.SIZES["fashion-mnist"], **{"train-images-idx3-ubyte.gz": 100_000})
+    monkeypatch.setitem(registry.SIZES, "fashion-mnist", sizes)
+    with pytest.raises(ChecksumError, match="more than the published 100000 bytes"):
+        load_dataset("fashion-mnist")
+    assert not [p for p in _cache(env).iterdir() if "train-images" in p.name]
+
+
+def test_killed_downloads_leave_no_part_file_forever(env, fake_fmnist, http_root, monkeypatch):
+    """Regression: a killed download left its ``.part`` forever; a live one must survive."""
+    import subprocess
+    import sys
+
+    from fishprune import atomic
+
+    root, url = http_root
+    write_idx_set(root, fake_fmnist)
+    monkeypatch.setitem(registry.MIRRORS, "fashion-mnist", (url,))
+    cache = _cache(env)
+    cache.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dest = cache / "train-images-idx3-ubyte.gz"
+    live = atomic.temp_name(dest, "part")
+    stale = live.with_name(live.name.replace(f"~{os.getpid()}@", f"~{dead}@"))
+    for path in (live, stale):
+        path.write_bytes(b"half a download")
+    load_dataset("fashion-mnist")
+    assert live.exists() and not stale.exists()

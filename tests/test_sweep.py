@@ -313,3 +313,43 @@ def test_db_upgrades_old_schema(tmp_path):
     conn = db.connect(path)
     assert set(db.columns()) <= {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
     conn.close()
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (from /proc: no extra dependency)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id, not a zombie
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_workers_stop_when_the_driver_is_sigkilled(tmp_path: Path) -> None:
+    """Regression: sweep workers outlived a SIGKILLed driver and kept writing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    toml = write(tmp_path / "s.toml", 'dataset = "synthetic"\nmodel = "lenet300"\nepochs = 200\n'
+                 'seed = [0, 1, 2, 3]\ncriterion = "magnitude"\nsparsity = 0.5\n')
+    driver = subprocess.Popen([sys.executable, "-m", "fishprune", "sweep", str(toml),
+                               "--workers", "2", "--out", str(tmp_path / "sw")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "sw").glob("*/checkpoint.safetensors")):
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.2)
+    assert len(_session_pids(driver.pid)) >= 3  # the driver and its workers
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 20
+    while _session_pids(driver.pid):
+        assert time.monotonic() < deadline, _session_pids(driver.pid)
+        time.sleep(0.2)
