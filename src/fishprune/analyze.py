@@ -25,7 +25,7 @@ from torch import Tensor, nn
 import fishprune as fp
 from fishprune.collapse import connected_counts
 from fishprune.config import LOCATION_KEYS, ConfigError, RunConfig, non_default
-from fishprune.criteria import get_criterion
+from fishprune.criteria import REGISTRY, get_criterion
 from fishprune.hashing import digest
 from fishprune.ranking import (
     all_connected,
@@ -114,6 +114,9 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
 
     say = say or (lambda _msg: None)
     cfg.validate()
+    if cfg.prune.criterion not in REGISTRY:
+        raise ConfigError(f"analyze scores once and {cfg.prune.criterion} has no scores (it "
+                          "trains to find its masks): run it with `fishprune run`")
     sparsities = sorted(set(validate_sparsities(sparsities)))
     p = cfg.prune
     prep = prepare(cfg, say)

@@ -134,6 +134,7 @@ class PruneConfig:
     score_batch_size: int = 128
     score_mode: str = "eval"  # "train": score with batch statistics in BatchNorm
     options: dict[str, Any] = field(default_factory=dict)  # the criterion's options, e.g. probes
+    imp_fraction: float = 0.2  # criterion "imp": fraction of the remaining weights pruned per round
     exclude: tuple[str, ...] = ()  # glob patterns of weights never pruned
     sanity: str = "none"  # a sanity-check transformation of the mask (Frankle et al. 2021)
     on_collapse: str = "warn"  # what to do when a layer keeps no weight
@@ -148,7 +149,10 @@ class PruneConfig:
         object.__setattr__(self, "options", canonical)
 
     def validate(self) -> None:
-        _check_choice("criterion", self.criterion, criteria())
+        _check_choice("criterion", self.criterion, [*criteria(), *METHODS])
+        _check_range("imp_fraction", self.imp_fraction, 0.0, 1.0, hi_open=True)
+        if self.imp_fraction == 0:
+            _fail("imp_fraction must be in (0, 1); got 0.0")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("score_mode", self.score_mode, ("eval", "train"))
@@ -160,6 +164,9 @@ class PruneConfig:
             _fail(f"score_samples must be >= 1 per class; got {self.score_samples}")
         if self.score_batch_size < 1:
             _fail(f"score_batch_size must be >= 1; got {self.score_batch_size}")
+        if self.criterion in METHODS:
+            self._validate_method()
+            return
         crit = get_criterion(self.criterion)
         if not isinstance(self.options, dict):
             _fail(f"options must be a table of criterion options; got {self.options!r}")
@@ -171,6 +178,23 @@ class PruneConfig:
             crit.parse_options(dict(self.options))
         except ValueError as err:
             _fail(str(err))
+
+
+    def _validate_method(self) -> None:
+        """IMP trains to find its mask: scoring settings and score-level sanity checks do not
+        apply (shuffle and reinit transform the mask and the weights, and do)."""
+        if self.options:
+            _fail(f"criterion '{self.criterion}' has no options; got {sorted(self.options)}")
+        if self.rounds is not None:
+            _fail("rounds does not apply to imp: its rounds follow from imp_fraction")
+        if self.sanity not in ("none", "shuffle", "reinit"):
+            _fail(f"sanity={self.sanity} does not apply to imp (it has no scores to invert and "
+                  "trains on the true labels)")
+
+
+#: Pruning methods that are not score functions of the initial weights: ``imp`` (iterative
+#: magnitude pruning with rewinding, :mod:`fishprune.imp`).
+METHODS = ("imp",)
 
 
 @dataclass(frozen=True)

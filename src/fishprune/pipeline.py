@@ -100,7 +100,7 @@ def _run(cfg: RunConfig, rd: RunDir, show_progress: bool, say: Say) -> dict[str,
     ds, model, device = prep.ds, prep.model, prep.device
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
-    masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
+    masks, score_seconds = pruning_masks(cfg, prep, rd, say)
     rd.write_config(cfg)
     rd.write_json(PROVENANCE, provenance(device, data_source=ds.source))
     if cfg.prune.sanity == "reinit":
@@ -297,10 +297,11 @@ def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Paramete
     return params
 
 
-def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
-                  device: torch.device, rd: RunDir, say: Say
+def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say
                   ) -> tuple[dict[str, torch.Tensor], float]:
-    """Score and select (or load the stored masks). Leaves the model's weights untouched."""
+    """Score and select, or run IMP (or load the stored masks). Leaves the model's weights
+    untouched."""
+    ds, train_idx, model, device = prep.ds, prep.train_idx, prep.model, prep.device
     p = cfg.prune
     params = scored_parameters(cfg, model)
     if rd.masks.exists():  # verified by run(): its checksum, exact count and layer order
@@ -312,6 +313,12 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
     if p.sparsity == 0:
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in params.items()}
         seconds = 0.0
+    elif p.criterion == "imp":
+        from fishprune.imp import imp_masks
+
+        with timed() as elapsed:
+            masks = imp_masks(cfg, model, prep.loaders, device, say)
+        seconds = elapsed()
     else:
         batches = scoring_batches(cfg, ds, train_idx, device)
         saved = {n: w.detach().clone() for n, w in params.items()}

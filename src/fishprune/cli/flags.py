@@ -31,7 +31,9 @@ HELP = {
     "init": "weight initialization: default, kaiming_normal, xavier_normal",
     "warmup_epochs": "dense training epochs before pruning (cures layer collapse)",
     "bn_warmup": "refresh BatchNorm statistics with one train-mode pass before scoring",
-    "criterion": "pruning criterion (see `fishprune criteria`)",
+    "criterion": "pruning criterion (see `fishprune criteria`), or imp (iterative magnitude "
+                 "pruning with rewinding to --warmup-epochs)",
+    "imp_fraction": "imp: fraction of the remaining weights pruned in each round",
     "sparsity": "pruned fraction of the prunable weights, in [0, 1); 0 = dense",
     "scope": "rank weights globally or per layer",
     "rounds": "pruning rounds (default: the criterion's, 100 for synflow, else 1)",

@@ -18,6 +18,8 @@ def main(args: argparse.Namespace) -> int:
             opts = ", ".join(f"{o}={s.default!r}" for o, s in crit.option_specs().items()
                              if s.run_setting)
             print(f"{name:<10} {crit.summary}" + (f"  [options: {opts}]" if opts else ""))
+        print(f"{'imp':<10} IMP: iterative magnitude pruning with rewinding to --warmup-epochs "
+              "(trains every round; the upper bound)  [settings: imp_fraction=0.2]")
     elif args.command == "models":
         from fishprune.models import models
 
