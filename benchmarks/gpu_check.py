@@ -5,11 +5,12 @@
 
 Everything ``--device cuda`` does (data resident on the GPU, channels_last models, bf16
 autocast in training, fp32/fp64 scoring) is exercised in five sections, within a global time
-budget (``--budget``, 480 s: a section whose estimate no longer fits is skipped with a note).
-A section that raises records its error and the next one runs. ``--out DIR`` receives
-``report.json`` (every number) and ``report.md`` (the same as tables), rewritten after every
-section, plus the logs of section 5. Exit status: 0 when every check passed, 1 when a check
-failed or a section raised, 2 for usage errors (``--device cuda`` without a GPU).
+budget (``--budget``, 480 s: a section whose estimate no longer fits is skipped with a note; one
+that the budget stops midway is "incomplete", with a note). A section that raises records its
+error and the next one runs. ``--out DIR`` receives ``report.json`` (every number) and
+``report.md`` (the same as tables), rewritten after every section, plus the logs of section 5.
+Exit status: 0 when every check passed, 1 when a check failed or a section raised, 2 for usage
+errors (``--device cuda`` without a GPU).
 
 Checks decide the exit status; targets are speed goals reported as met/missed (speed depends on
 the machine) and never change it.
@@ -163,7 +164,7 @@ FULL = Sizes(
                "end_to_end": 150},
 )
 QUICK = Sizes(
-    models=(("lenet5", 0.5, 1, 28), ("resnet20", 0.25, 3, 32)), batches=1, batch_size=16,
+    models=(("lenet5", 0.25, 1, 28), ("resnet20", 0.25, 3, 32)), batches=1, batch_size=16,
     probes=2, train_steps=3,
     samples=64, sample_batch=32, per_sample_repeats=1,
     cost_width=0.0625, cost_batch=16, cost_probes=2, cost_repeats=1,
@@ -348,7 +349,7 @@ def section_correctness(ctx: Context, sec: Section) -> None:
         train_masks = None
         for run_label, crit, options in criterion_runs(s.probes):
             if ctx.remaining() < 30:
-                sec.notes.append(f"{label}: stopped before {run_label}: time budget")
+                sec.cut(f"{label}: stopped before {run_label}")
                 break
             log(f"[correctness] {name} {run_label}")
             ref = fp.score(ref_model, crit, ref_batches, seed=args.seed, **options)
@@ -492,7 +493,7 @@ def section_scoring_cost(ctx: Context, sec: Section) -> None:
     rows = []
     for crit in fp.criteria():
         if ctx.remaining() < 20:
-            sec.notes.append(f"stopped before {crit}: time budget")
+            sec.cut(f"stopped before {crit}")
             break
         options: dict[str, Any] = {"probes": s.cost_probes} if crit in HUTCHINSON_CRITERIA else {}
         log(f"[scoring_cost] resnet18 {crit}")
@@ -550,7 +551,7 @@ def section_training(ctx: Context, sec: Section) -> None:
     passes: dict[str, list[float]] = {v: [] for v in loops}
     for r in range(s.passes):
         if ctx.remaining() < 15:
-            sec.notes.append(f"stopped after {r} interleaved passes: time budget")
+            sec.cut(f"stopped after {r} interleaved passes")
             break
         log(f"[training] interleaved pass {r + 1}/{s.passes}")
         for loop in loops.values():
@@ -573,6 +574,7 @@ def section_training(ctx: Context, sec: Section) -> None:
         "chunk_batches": s.chunk, "epoch_s": epoch_s,
         "images_per_s": {v: s.images / statistics.median(timed_passes[v]) for v in loops},
         "masked_over_dense": ratio, "pass_seconds": passes,
+        "step_ms": {v: 1000 * epoch_s[v] / n_batches for v in loops},  # unsynchronized steps
         "breakdown_ms": step_breakdown(ctx, loops["masked"], min(s.breakdown_steps, n_batches)),
     }
     sec.target("masked / dense training time", ratio, f"≤ {MASKED_TARGET:g}",
@@ -669,8 +671,7 @@ def run_cli(ctx: Context, device: str, role: str, timeout: float) -> dict[str, A
                        train_seconds=result["train_seconds"], ran_on=prov["device"],
                        device_name=prov["device_name"])
     except subprocess.TimeoutExpired:
-        row.update(returncode=None, wall_s=time.perf_counter() - start,
-                   error=f"killed after {timeout:.0f} s (time budget)")
+        row.update(returncode=None, wall_s=time.perf_counter() - start, timed_out=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return row
@@ -689,16 +690,17 @@ def section_end_to_end(ctx: Context, sec: Section) -> None:
         log(f"[end_to_end] fishprune run --device {device} ({role})")
         row = run_cli(ctx, device, role, timeout=max(10.0, ctx.remaining() - 5))
         runs.append(row)
+        if row.get("timed_out"):
+            sec.cut(f"{role} run killed after {row['wall_s']:.0f} s; log {row['log']}")
+            break
         ok = row.get("returncode") == 0 and row.get("ran_on", "").startswith(device)
         sec.check(f"{role}: fishprune run --device {device} succeeds on {device}", ok,
-                  row.get("error") or f"exit {row.get('returncode')}, ran on "
+                  f"exit {row.get('returncode')}, ran on "
                   f"{row.get('ran_on')} ({row.get('device_name')}), {row['wall_s']:.1f} s; "
                   f"log {row['log']}" + "".join(f" / {line}" for line in row.get("log_tail", [])))
         if "test_acc" in row:
             sec.check(f"{role}: the run learns (test accuracy ≥ {2 * CHANCE:.0%})",
                       row["test_acc"] >= 2 * CHANCE, f"test accuracy {row['test_acc']:.2%}")
-        if row.get("returncode") is None:
-            break
     sec.results = {"dataset": dataset, "runs": runs}
     if len(runs) == 2 and all("test_acc" in r for r in runs):
         delta = runs[0]["test_acc"] - runs[1]["test_acc"]
@@ -838,13 +840,17 @@ def _main(args: argparse.Namespace, sizes: Sizes, argv: list[str], started: floa
                   if not c["passed"]] + [f"{sec.name}: {sec.error}" for sec in sections
                                          if sec.error]
         skipped = [sec.name for sec in sections if sec.status == "skipped"]
+        cut = [sec.name for sec in sections if sec.status == "incomplete"]
         if failed:
             verdict = f"FAILED ({len(failed)}): " + "; ".join(failed[:3])
             verdict += " …" if len(failed) > 3 else ""
         else:
             verdict = "all checks passed"
-            verdict += f" (skipped: {', '.join(skipped)})" if skipped else ""
+            gaps = [f"{what}: {', '.join(names)}"
+                    for what, names in (("incomplete", cut), ("skipped", skipped)) if names]
+            verdict += f" ({'; '.join(gaps)})" if gaps else ""
         report.update(total_s=time.monotonic() - started, failed=failed, skipped=skipped,
+                      incomplete=cut,
                       passed=not failed, verdict=verdict,
                       sections={sec.name: asdict(sec) for sec in sections})
         io.atomic_write_text(out / "report.json", json.dumps(finite(report), indent=1) + "\n")
@@ -877,9 +883,16 @@ def _main(args: argparse.Namespace, sizes: Sizes, argv: list[str], started: floa
                 sec.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
                 torch.cuda.empty_cache()
             sec.status = ("error" if sec.error else
-                          "fail" if any(not c["passed"] for c in sec.checks) else "pass")
+                          "fail" if any(not c["passed"] for c in sec.checks) else
+                          "incomplete" if sec.incomplete else "pass")
             log(f"   {sec.status} in {sec.wall_s:.1f} s")
         save()
+    for sec in sections:  # the failures again, for a reader who only sees the log's tail
+        for c in sec.checks:
+            if not c["passed"]:
+                log(f"FAILED {sec.name}: {c['name']}: {c['detail']}")
+        if sec.error:
+            log(f"ERROR {sec.name}: {sec.error}")
     log(f"{report['verdict']}  ({report['total_s']:.1f} s) → {out / 'report.md'}")
     return 0 if report["passed"] else 1
 

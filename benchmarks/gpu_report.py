@@ -20,7 +20,7 @@ class Section:
 
     name: str
     title: str
-    status: str = "pending"  # pass | fail | error | skipped
+    status: str = "pending"  # pass | fail | error | incomplete (cut by the budget) | skipped
     wall_s: float | None = None
     checks: list[dict[str, Any]] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
@@ -29,6 +29,7 @@ class Section:
     error: str | None = None
     traceback: str | None = None
     peak_gpu_memory_gib: float | None = None
+    incomplete: bool = False  # the time budget cut the section short
 
     def check(self, name: str, passed: bool, detail: str = "") -> bool:
         self.checks.append({"name": name, "passed": bool(passed), "detail": detail})
@@ -36,6 +37,11 @@ class Section:
 
     def target(self, name: str, value: float, goal: str, met: bool) -> None:
         self.targets.append({"name": name, "value": value, "target": goal, "met": bool(met)})
+
+    def cut(self, note: str) -> None:
+        """Record that the time budget stopped this section early (not a failure)."""
+        self.incomplete = True
+        self.notes.append(f"time budget: {note}")
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -104,10 +110,11 @@ def render_results(sec: Section) -> list[str]:
         out = [f"{r['model']}, {r['images']:,} images resident on the device, batch "
                f"{r['batch_size']}, crop+flip augmentation; {r['passes']} interleaved passes "
                f"(chunks of {r['chunk_batches']} batches).", ""]
-        out += _table(["variant", "images/s", "one epoch (s)"],
-                      [[v, f"{ips[v]:,.0f}", r["epoch_s"][v]] for v in ips])
+        out += _table(["variant", "images/s", "one epoch (s)", "ms per step in that epoch"],
+                      [[v, f"{ips[v]:,.0f}", r["epoch_s"][v], r["step_ms"][v]] for v in ips])
         out += [f"masked / dense time: **{r['masked_over_dense']:.3f}**", "",
-                "Per-step breakdown (masked, each phase synchronized, median ms):", ""]
+                "Per-step breakdown (masked, each phase synchronized, median ms; the sum "
+                "exceeds an unsynchronized step by the lost CPU/GPU overlap):", ""]
         return out + _table(["phase", "ms", "share"],
                             [[k, v, f"{v / b['sum']:.0%}"] for k, v in b.items() if k != "sum"]
                             + [["sum", b["sum"], "100%"]])

@@ -83,7 +83,7 @@ def test_quick_cpu_mode_writes_a_complete_passing_report(tmp_path: Path) -> None
     md = (tmp_path / "report.md").read_text()
     for _, title, _ in gc.SECTIONS:
         assert f"## {title}" in md
-    assert "all checks passed" in md and "| lenet5 (width 0.5, 1×28×28) | fts |" in md
+    assert "all checks passed" in md and "| lenet5 (width 0.25, 1×28×28) | fts |" in md
 
 
 # --- the comparison statistics -------------------------------------------------------------------
@@ -178,7 +178,12 @@ def test_a_raising_section_is_recorded_and_the_next_one_runs(
     assert report["verdict"] == "all checks passed (skipped: c)"
 
 
-def test_sections_that_do_not_fit_the_budget_are_skipped(
+def _cut(ctx: gc.Context, sec: Section) -> None:
+    sec.check("what ran", True)
+    sec.cut("stopped before the rest")
+
+
+def test_sections_that_do_not_fit_the_budget_are_skipped_or_cut(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gc, "SECTIONS", (("a", "A", _raises), ("c", "C", _fails)))
@@ -188,6 +193,13 @@ def test_sections_that_do_not_fit_the_budget_are_skipped(
         assert sec["status"] == "skipped" and sec["wall_s"] is None
         assert sec["notes"][0].startswith("time budget")
     assert report["skipped"] == ["a", "c"]
+
+    monkeypatch.setattr(gc, "SECTIONS", (("d", "D", _cut),))
+    assert gc.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sections"]["d"]["status"] == "incomplete"
+    assert report["verdict"] == "all checks passed (incomplete: d)"
+    assert report["sections"]["d"]["notes"] == ["time budget: stopped before the rest"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -229,7 +241,7 @@ def test_two_precision_variants_as_on_cuda(tmp_path: Path, monkeypatch: pytest.M
     """On CUDA every comparison runs with the default precision and with TF32 off; the same
     code path on the CPU (where the flags change nothing) gives one row and check per variant."""
     monkeypatch.setattr(gc, "QUICK", dataclasses.replace(gc.QUICK, models=(
-        ("lenet5", 0.5, 1, 28),)))
+        ("lenet5", 0.25, 1, 28),)))
     monkeypatch.setattr(gc.Context, "variants", property(lambda self: ("default", "strict-fp32")))
     assert gc.main(["--device", "cpu", "--quick", "--sections", "correctness,per_sample",
                     "--out", str(tmp_path)]) == 0
@@ -241,7 +253,7 @@ def test_two_precision_variants_as_on_cuda(tmp_path: Path, monkeypatch: pytest.M
     assert {r["variant"] for r in sections["per_sample"]["results"]["accuracy"]} == {
         "default", "strict-fp32"}
     md = (tmp_path / "report.md").read_text()
-    assert "| lenet5 (width 0.5, 1×28×28) | fts | strict-fp32 |" in md
+    assert "| lenet5 (width 0.25, 1×28×28) | fts | strict-fp32 |" in md
 
 
 def test_markdown_of_a_gpu_environment() -> None:
