@@ -26,8 +26,11 @@ from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import RunConfig
 from fishprune.data import (
     DatasetTensors,
+    FolderData,
+    ImageBatches,
     TensorBatches,
     load_dataset,
+    make_batches,
     scoring_indices,
     stratified_split,
 )
@@ -120,40 +123,44 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def make_loaders(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                 device: torch.device) -> dict[str, TensorBatches]:
-    """Train (shuffled, augmented where the dataset wants it), validation and test batches."""
+def make_loaders(cfg: RunConfig, ds: DatasetTensors | FolderData, train_idx: torch.Tensor,
+                 val_idx: torch.Tensor, device: torch.device
+                 ) -> dict[str, TensorBatches | ImageBatches]:
+    """Train (shuffled, augmented where the dataset wants it), validation and test batches
+    (streamed from disk for image folders)."""
     augment = cfg.data.augment if cfg.data.augment is not None else ds.in_channels == 3
-    common = {"mean": ds.mean, "std": ds.std, "device": device}
+    common = {"mean": ds.mean, "std": ds.std, "device": device,
+              "num_workers": cfg.data.num_workers}
     b = cfg.data.batch_size
     loaders = {
-        "train": TensorBatches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
-                               shuffle=True, seed=cfg.seed, augment=augment, **common),
-        "train_plain": TensorBatches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
-                                     **common),
-        "test": TensorBatches(ds.test_x, ds.test_y, batch_size=1024, **common),
+        "train": make_batches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
+                              shuffle=True, seed=cfg.seed, augment=augment, **common),
+        "train_plain": make_batches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
+                                    **common),
+        "test": make_batches(ds.test_x, ds.test_y, batch_size=1024, **common),
     }
     if len(val_idx):
-        loaders["val"] = TensorBatches(ds.train_x[val_idx], ds.train_y[val_idx], batch_size=1024,
-                                       **common)
+        loaders["val"] = make_batches(ds.train_x[val_idx], ds.train_y[val_idx], batch_size=1024,
+                                      **common)
     return loaders
 
 
-def fresh_model(cfg: RunConfig, ds: DatasetTensors, *, seed: int) -> nn.Module:
+def fresh_model(cfg: RunConfig, ds: DatasetTensors | FolderData, *, seed: int) -> nn.Module:
     """The model of ``cfg`` for ``ds``, initialized from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return build_model(cfg.model.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
-                       image_size=ds.image_size, width=cfg.model.width, init=cfg.model.init)
+                       image_size=cfg.data.image_size or ds.image_size, width=cfg.model.width,
+                       init=cfg.model.init, kwargs=cfg.model.model_kwargs)
 
 
 @dataclass
 class Prepared:
     """Everything before scoring: data, split, loaders, and the (warmed-up) model."""
 
-    ds: DatasetTensors
+    ds: DatasetTensors | FolderData
     train_idx: torch.Tensor
     val_idx: torch.Tensor
-    loaders: dict[str, TensorBatches]
+    loaders: dict[str, TensorBatches | ImageBatches]
     model: nn.Module
     device: torch.device
     warmup_seconds: float
@@ -162,8 +169,14 @@ class Prepared:
 def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
     device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.data.dataset, cfg.data.data_dir)
-    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
+    d = cfg.data
+    ds = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, num_workers=d.num_workers)
+    if getattr(ds, "val_split", None) is not None:  # an image folder with its own val/
+        train_idx, val_idx = ds.val_split
+    else:
+        train_idx, val_idx = stratified_split(ds.train_y, d.val_fraction, d.split_seed)
+    for note in getattr(ds, "notes", ()):
+        say(f"{ds.name} {ds.source}: {note}")
     loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
     model = initial_model(cfg, ds, device)
     seconds = warm_up(cfg, model, loaders, device, say=say)
@@ -226,8 +239,8 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
     y = ds.train_y[idx]
     if p.sanity == "random-labels":
         y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
-    return TensorBatches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
-                         std=ds.std, device=device)
+    return make_batches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
+                        std=ds.std, device=device, num_workers=cfg.data.num_workers)
 
 
 def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
