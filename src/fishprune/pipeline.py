@@ -296,6 +296,10 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
     # and violations() checks it after every epoch.
     masker = fp.Masker(model, masks, guard=False)
     history = load_history(rd, model, optimizer)
+    if history:
+        say(f"resuming from epoch {len(history) + 1}/{t.epochs} ({rd.checkpoint.name})"
+            if len(history) < t.epochs else
+            f"resuming after the last epoch ({rd.checkpoint.name})")
     best = max(history, key=lambda h: (h.val_acc if h.val_acc is not None else -1, -h.epoch),
                default=None)
     offset = cfg.warmup.warmup_epochs

@@ -20,8 +20,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:<10} {crit.summary}" + (f"  [options: {opts}]" if opts else ""))
     elif args.command == "models":
         from fishprune.models import models
+        from fishprune.models.external import spec_help
 
         print("\n".join(models()))
+        print("\nexternal models (--model SPEC, arguments with --model-kwargs KEY=VALUE):")
+        print("\n".join(spec_help()))
     else:
         from fishprune.data import datasets
 

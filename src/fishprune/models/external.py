@@ -234,12 +234,14 @@ def spec_help() -> list[str]:
         return ("installed" if available(prefix)
                 else f"not installed: pip install 'fishprune[{extra}]'")
 
-    return [
-        f"timm:NAME             a timm model, e.g. timm:resnet18 ({state('timm')})",
-        f"torchvision:NAME      a torchvision classifier, e.g. torchvision:resnet18 "
-        f"({state('torchvision')})",
-        f"hf:MODEL_TYPE         a transformers model from its config defaults + --model-kwargs, "
-        f"e.g. hf:vit ({state('hf')})",
-        "package.module:factory  your own code: factory(num_classes=, in_channels=, "
-        "image_size=, **model_kwargs) -> nn.Module",
+    rows = [
+        ("timm:NAME", f"a timm model, e.g. timm:resnet18 ({state('timm')})"),
+        ("torchvision:NAME", "a torchvision classifier, e.g. torchvision:resnet18 "
+                             f"({state('torchvision')})"),
+        ("hf:MODEL_TYPE", "a transformers model built from its config defaults and the model "
+                          f"kwargs, never downloaded, e.g. hf:vit ({state('hf')})"),
+        ("package.module:factory", "your code, imported from the working directory or "
+                                   "sys.path: factory(num_classes=, in_channels=, image_size=, "
+                                   "**model_kwargs) -> nn.Module"),
     ]
+    return [f"{spec:<24}{text}" for spec, text in rows]
