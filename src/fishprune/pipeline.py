@@ -24,6 +24,7 @@ from fishprune import atomic, cachekeys
 from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import RunConfig
+from fishprune.criteria import get_criterion
 from fishprune.data import (
     DatasetTensors,
     FolderData,
@@ -35,6 +36,7 @@ from fishprune.data import (
     stratified_split,
 )
 from fishprune.models import build_model
+from fishprune.progress import Counted, Progress
 from fishprune.provenance import provenance
 from fishprune.rundir import RunDir
 from fishprune.sanity import invert_scores, randomize_labels, reinitialize_, shuffle_masks
@@ -71,11 +73,12 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         say(f"already finished: {rd.result}")
         return json.loads(rd.result.read_text())
     rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
-    prep = prepare(cfg, say)
+    prep = prepare(cfg, say, show_progress=show_progress)
     ds, model, device = prep.ds, prep.model, prep.device
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
-    masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
+    masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say,
+                                         show_progress=show_progress)
     rd.write_config(cfg)
     atomic.write_json(rd.provenance, provenance(device))
     if cfg.prune.sanity == "reinit":
@@ -166,7 +169,8 @@ class Prepared:
     warmup_seconds: float
 
 
-def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
+def prepare(cfg: RunConfig, say: Say = lambda _m: None, *, show_progress: bool = False
+            ) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
     device = resolve_device(cfg.device)
     d = cfg.data
@@ -179,7 +183,7 @@ def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
         say(f"{ds.name} {ds.source}: {note}")
     loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
     model = initial_model(cfg, ds, device)
-    seconds = warm_up(cfg, model, loaders, device, say=say)
+    seconds = warm_up(cfg, model, loaders, device, say=say, show_progress=show_progress)
     return Prepared(ds, train_idx, val_idx, loaders, model, device, seconds)
 
 
@@ -199,7 +203,7 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> n
 
 
 def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
-            device: torch.device, *, say: Say) -> float:
+            device: torch.device, *, say: Say, show_progress: bool = False) -> float:
     """Dense warm-up epochs and/or the BN-statistics pass, in place; cached like the init.
 
     Returns the seconds the warm-up took (also when it is loaded from the cache, where the
@@ -219,11 +223,16 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
             for epoch in range(w.warmup_epochs):
                 set_lr_(optimizer, lr_at(epoch, cfg.train))
                 loaders["train"].set_epoch(epoch)
-                loss, acc = train_epoch(model, loaders["train"], optimizer, None, device=device)
+                with Progress(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}",
+                              len(loaders["train"]), show=show_progress, say=say) as bar:
+                    loss, acc = train_epoch(model, loaders["train"], optimizer, None,
+                                            device=device, progress=bar.update)
                 say(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}: loss {loss:.4f}, "
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
-            bn_warmup_(model, loaders["train_plain"])
+            with Progress("BN statistics", len(loaders["train_plain"]), show=show_progress,
+                          say=say) as bar:
+                bn_warmup_(model, Counted(loaders["train_plain"], bar))
     path.parent.mkdir(parents=True, exist_ok=True)
     tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
@@ -244,7 +253,7 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
 
 
 def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, model: nn.Module,
-                  device: torch.device, rd: RunDir, say: Say
+                  device: torch.device, rd: RunDir, say: Say, *, show_progress: bool = False
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """Score and select (or load the stored masks). Leaves the model's weights untouched."""
     if rd.masks.exists():
@@ -258,13 +267,19 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
         batches = scoring_batches(cfg, ds, train_idx, device)
         saved = {n: w.detach().clone() for n, w in params.items()}
         common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude, **p.options}
-        with timed() as elapsed:
+        rounds = 1 if p.sanity == "invert" else (
+            p.rounds or get_criterion(p.criterion).default_rounds)
+        bar = (Progress(f"scoring ({p.criterion})", len(batches), show=show_progress, say=say)
+               if rounds == 1 else Progress(f"pruning ({p.criterion})", rounds,
+                                            show=show_progress, say=say, unit="rounds"))
+        data = Counted(batches, bar) if rounds == 1 else batches
+        with timed() as elapsed, bar:
             if p.sanity == "invert":  # keep the lowest-scored weights (one shot)
-                scores = invert_scores(fp.score(model, p.criterion, batches, **common))
+                scores = invert_scores(fp.score(model, p.criterion, data, **common))
                 masks = fp.select(scores, p.sparsity, scope=p.scope)
             else:
-                masks = fp.prune(model, p.criterion, p.sparsity, batches, rounds=p.rounds,
-                                 scope=p.scope, **common)
+                masks = fp.prune(model, p.criterion, p.sparsity, data, rounds=p.rounds,
+                                 scope=p.scope, on_round=lambda _r, _n: bar.update(1), **common)
         seconds = elapsed()
         with torch.no_grad():  # undo prune's zeroing: sanity checks may move the mask
             for n, w in params.items():
