@@ -120,6 +120,19 @@ def test_hf_kwargs_contradicting_the_data_are_refused() -> None:
         build_model("hf:no-such-type", num_classes=10)
 
 
+@pytest.mark.parametrize("criterion", ["grasp", "hts"])
+def test_hf_second_order_criteria_with_eager_attention(criterion: str, tmp_path: Path) -> None:
+    """GraSP and Hutchinson need a double backward, which torch's CPU SDPA attention kernel
+    lacks; ``attn_implementation=eager`` (a config field, as a model kwarg) scores them."""
+    pytest.importorskip("transformers", reason="the [hf] extra is part of [test]")
+    kwargs = {k: int(v) for k, v in (pair.split("=") for pair in TINY_VIT)}
+    cfg = S.build({"model": "hf:vit", "dataset": "synthetic", "criterion": criterion,
+                   "score_samples": 2, "epochs": 0, "sparsity": 0.5, "out": str(tmp_path),
+                   "model_kwargs": {**kwargs, "attn_implementation": "eager"}})
+    result = pipeline.run(cfg, show_progress=False)
+    assert result["kept"] == result["prunable"] // 2
+
+
 # --------------------------------------------------------------------------- module:factory
 
 
@@ -303,6 +316,18 @@ def test_models_lists_the_zoo_and_the_external_specs(capsys: pytest.CaptureFixtu
         assert any(line.startswith(spec) for line in lines), spec
     hf_line = next(line for line in lines if line.startswith("hf:"))
     assert ("installed" in hf_line) and ("not installed" in hf_line) != X.available("hf")
+
+
+def test_run_help_shows_every_default() -> None:
+    """Every setting and criterion option with a default says it in ``run --help``."""
+    parser = cli.build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    helps = {a.dest: a.help for a in run._actions}
+    defaults = C.flat_values(C.RunConfig())
+    for name in S.setting_names():
+        if name in C.option_specs() or defaults.get(name) not in (None, [], {}):
+            assert "default" in helps[name], (name, helps[name])
+    assert "default: 10" in helps["probes"] and "default: 0.98" in helps["sparsity"]
 
 
 def test_resumed_run_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ HELP = {
     "width": "width multiplier of every hidden layer",
     "init": "weight initialization: default, kaiming_normal, xavier_normal",
     "model_kwargs": "arguments of an external model, as KEY=VALUE (TOML values), e.g. "
-                    "hidden_size=64 (TOML: a [model.model_kwargs] table)",
+                    "hidden_size=64 (TOML: a [model.model_kwargs] table; default: none)",
     "image_size": "image folders: resize images to this square size (default: 64)",
     "num_workers": "image folders: decoding worker processes (default: up to 4; 0: none)",
     "warmup_epochs": "dense training epochs before pruning (cures layer collapse)",
@@ -90,7 +90,7 @@ def _default_text(name: str) -> str:
     owner = C.RunConfig() if section is None else getattr(C.RunConfig(), section)
     value = getattr(owner, name)
     shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-    return f" (default: {shown})" if shown not in ("", None) else ""
+    return f" (default: {shown})" if shown not in ("", None, {}) else ""
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
