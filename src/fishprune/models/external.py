@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 #: Spec prefix → (the package it imports, the fishprune extra that installs it).
@@ -126,12 +127,16 @@ def _timm(name: str, data: dict[str, int], kwargs: dict[str, Any]) -> nn.Module:
     if not timm.models.is_model(name):
         raise ExternalModelError(f"timm has no model {name!r} (see timm.list_models())")
     extra = {"num_classes": data["num_classes"], "in_chans": data["in_channels"]}
+    if "img_size" in kwargs:
+        return timm.create_model(name, pretrained=False, **extra, **kwargs)
+    rng = torch.random.get_rng_state()
     try:  # transformers-like models (ViT, Swin...) fix their input size; CNNs take no img_size
         return timm.create_model(name, pretrained=False, img_size=data["image_size"], **extra,
                                  **kwargs)
     except TypeError as err:
         if "img_size" not in str(err):
             raise
+    torch.random.set_rng_state(rng)  # the retry draws the weights the first try would have
     return timm.create_model(name, pretrained=False, **extra, **kwargs)
 
 
