@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 
 from fishprune import cli, pipeline
 from fishprune import settings as S
+from fishprune import tensorfiles as tf
 from fishprune.config import ConfigError
 from fishprune.data import (
     DatasetFileError,
@@ -263,3 +265,39 @@ def test_imagefolder_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     layers = json.loads((run_dir / "layers.json").read_text())
     assert layers  # the collapse report saw the streamed input shape
     assert cli.main(argv) == 0 and "already finished" in capsys.readouterr().out
+
+
+def test_a_killed_imagefolder_run_resumes_bit_identically(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed in epoch 2 and rerun (with another number of workers): the same weights and
+    history as an uninterrupted run — the streamed order and augmentation are per epoch."""
+    root = make_folder(tmp_path / "data", {"train": 8, "test": 2})
+    over = {"dataset": "imagefolder", "data_dir": str(root), "image_size": 28,
+            "model": "lenet300", "width": 0.25, "epochs": 3, "lr": 0.05, "batch_size": 6,
+            "augment": True, "sparsity": 0.5, "criterion": "snip"}
+    killed = S.build({**over, "num_workers": 2, "out": str(tmp_path / "killed")})
+    clean = S.build({**over, "num_workers": 0, "out": str(tmp_path / "clean")})
+    assert killed.run_id() == clean.run_id()
+    real, calls = pipeline.train_epoch, []
+
+    def dies_in_epoch_2(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_epoch", dies_in_epoch_2)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        pipeline.run(killed, show_progress=False)
+    monkeypatch.undo()
+    messages: list[str] = []
+    resumed = pipeline.run(S.build({"num_workers": 1}, base=killed), show_progress=False,
+                           echo=messages.append)
+    assert "resuming from epoch 2/3 (checkpoint.safetensors)" in messages
+    uninterrupted = pipeline.run(clean, show_progress=False)
+    timing = ("warmup_seconds", "score_seconds", "train_seconds")
+    assert {k: v for k, v in resumed.items() if k not in timing} == \
+        {k: v for k, v in uninterrupted.items() if k not in timing}
+    a = tf.load_state(killed.directory() / "best.safetensors")
+    b = tf.load_state(clean.directory() / "best.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
