@@ -110,6 +110,23 @@ def test_hf_model_is_a_logits_module_with_the_data_shape() -> None:
         assert n == m and torch.equal(a, b), n  # seeded like the zoo
 
 
+@pytest.mark.parametrize("model_type, kwargs", [
+    ("deit", {"patch_size": 8, "hidden_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 32}),  # two heads: the first
+    ("resnet", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1]}),
+    ("convnext", {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2}),
+    ("swin", {"patch_size": 4, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2],
+              "window_size": 4}),
+])
+def test_hf_vision_families_take_the_data_shape(model_type: str, kwargs: dict[str, Any]) -> None:
+    pytest.importorskip("transformers", reason="the [hf] extra is part of [test]")
+    torch.manual_seed(0)
+    model = build_model(f"hf:{model_type}", in_channels=1, num_classes=5, image_size=32,
+                        kwargs=kwargs)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+    assert all(n.startswith("model.") for n, _ in model.named_parameters())
+
+
 def test_hf_kwargs_contradicting_the_data_are_refused() -> None:
     pytest.importorskip("transformers", reason="the [hf] extra is part of [test]")
     with pytest.raises(ExternalModelError, match="image_size=32 contradicts the dataset"):

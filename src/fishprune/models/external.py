@@ -172,9 +172,13 @@ def _hf(model_type: str, data: dict[str, int], kwargs: dict[str, Any]) -> nn.Mod
                                      f"the dataset ({key} {data[key]})")
         setattr(config, attr, data[key])
     for auto in ("AutoModelForImageClassification", "AutoModelForSequenceClassification"):
-        cls = getattr(transformers, auto)
-        if type(config) in cls._model_mapping:
-            return LogitsOnly(cls.from_config(config))
+        mapping = getattr(transformers, auto)._model_mapping
+        if type(config) in mapping:
+            # The auto class's own from_config fails where a type maps to several classes
+            # (DeiT: with and without teacher) and the config names no architecture: the first.
+            target = mapping[type(config)]
+            target = target[0] if isinstance(target, (list, tuple)) else target
+            return LogitsOnly(target._from_config(config))
     raise ExternalModelError(f"hf:{model_type} has no image- or sequence-classification model "
                              "in transformers")
 
