@@ -6,7 +6,8 @@ The order and the augmentation of an epoch come from the same ``(seed, epoch)`` 
 the same draws as in :class:`~fishprune.data.TensorBatches` (a permutation, then per-sample crop
 offsets and flips), so a resumed run sees the epoch it would have seen, whatever the number of
 workers. Workers only decode (no randomness there); the crop and flip run on the uint8 batch in
-the main process, then the batch is normalized on ``device``.
+the main process, then the batch is normalized on ``device``. The workers start at the first
+iteration and stay for the later epochs (``persistent_workers``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ class _Labelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.files.load(i), self.labels[i]
+
+
+class _EpochOrder(torch.utils.data.Sampler[int]):
+    """The sample order of the current epoch, set before each iteration (the loader and its
+    persistent workers live across epochs)."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 class ImageBatches:
@@ -72,6 +87,8 @@ class ImageBatches:
         self.drop_last = drop_last
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.epoch = 0
+        self._order = _EpochOrder()
+        self._loader: torch.utils.data.DataLoader | None = None
         std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
         self._scale = (1.0 / (255.0 * std_t)).to(self.device)
@@ -101,11 +118,13 @@ class ImageBatches:
             top = torch.randint(span, (n,), generator=generator)
             left = torch.randint(span, (n,), generator=generator)
             flip = torch.rand(n, generator=generator) < 0.5
-        loader = torch.utils.data.DataLoader(
-            _Labelled(self.x, self.y), batch_size=self.batch_size, sampler=order.tolist(),
-            num_workers=self.num_workers, drop_last=self.drop_last,
-            pin_memory=self.device.type == "cuda")
-        for k, (images, targets) in enumerate(loader):
+        self._order.order = order.tolist()
+        if self._loader is None:  # workers start once and serve every epoch
+            self._loader = torch.utils.data.DataLoader(
+                _Labelled(self.x, self.y), batch_size=self.batch_size, sampler=self._order,
+                num_workers=self.num_workers, drop_last=self.drop_last,
+                persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
+        for k, (images, targets) in enumerate(self._loader):
             start, stop = k * self.batch_size, k * self.batch_size + images.shape[0]
             if self.augment:
                 images = crop_flip(images, top[start:stop], left[start:stop], flip[start:stop],
