@@ -270,6 +270,42 @@ def test_torchvision_models_are_built_for_the_data() -> None:
         build_model("torchvision:resnet18", in_channels=1, num_classes=7)
 
 
+def _rgb_folder(root: Path) -> Path:
+    """train/ and test/ with 2 classes of 32×32 RGB PNGs (dark and bright)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for label in range(2):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (32, 32, 3)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("spec, package", [("timm:resnet18", "timm"),
+                                           ("torchvision:resnet18", "torchvision")])
+def test_timm_and_torchvision_models_train_end_to_end(spec: str, package: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """On an RGB image folder (torchvision's classifiers take 3 channels), any device."""
+    if not _importable(package):
+        pytest.skip(f"{package} is not installed or does not import (the torchvision wheels "
+                    "served here are CUDA builds that do not load with the CPU torch)")
+    root = _rgb_folder(tmp_path / "data")
+    code, _, err = run_cli(["run", "--model", spec, "--dataset", "imagefolder", "--data-dir",
+                            str(root), "--image-size", "32", "--num-workers", "0",
+                            "--criterion", "snip", "--sparsity", "0.9", "--epochs", "1",
+                            "--batch-size", "8", "--out", str(tmp_path / "runs"), "--quiet"],
+                           capsys)
+    assert code == 0, err
+    (result,) = (tmp_path / "runs").glob("*/result.json")
+    assert json.loads(result.read_text())["epochs"] == 1
+
+
 # --------------------------------------------------------------------------- settings and ids
 
 
