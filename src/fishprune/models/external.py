@@ -122,13 +122,12 @@ class LogitsOnly(nn.Module):
 
 def _timm(name: str, data: dict[str, int], kwargs: dict[str, Any]) -> nn.Module:
     timm = _import("timm")
+    # The data decides num_classes, in_chans and img_size (a kwarg may only repeat them).
     kwargs = _check_data_kwargs(kwargs, data, {"num_classes": "num_classes",
                                                "in_channels": "in_chans", "image_size": "img_size"})
     if not timm.models.is_model(name):
         raise ExternalModelError(f"timm has no model {name!r} (see timm.list_models())")
     extra = {"num_classes": data["num_classes"], "in_chans": data["in_channels"]}
-    if "img_size" in kwargs:
-        return timm.create_model(name, pretrained=False, **extra, **kwargs)
     rng = torch.random.get_rng_state()
     try:  # transformers-like models (ViT, Swin...) fix their input size; CNNs take no img_size
         return timm.create_model(name, pretrained=False, img_size=data["image_size"], **extra,
