@@ -418,9 +418,10 @@ def test_real_fashion_mnist_debian():
 
 
 def test_registry():
-    assert datasets() == sorted(["cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic"])
+    assert datasets() == sorted(["cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic",
+                                 "imagefolder", "tinyimagenet"])
     assert DEFAULT_DATASET in DATASETS
-    with pytest.raises(ValueError, match="cifar10, cifar100, fashion-mnist, mnist, synthetic"):
+    with pytest.raises(ValueError, match="cifar10, cifar100, fashion-mnist, imagefolder, mnist"):
         load_dataset("imagenet")
 
 

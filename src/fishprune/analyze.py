@@ -24,9 +24,10 @@ from torch import Tensor, nn
 
 import fishprune as fp
 from fishprune.collapse import connected_counts
-from fishprune.config import LOCATION_KEYS, ConfigError, RunConfig, non_default
+from fishprune.config import DATA_DIR_IS_DATA, LOCATION_KEYS, ConfigError, RunConfig, non_default
 from fishprune.criteria import REGISTRY, get_criterion
 from fishprune.hashing import digest
+from fishprune.progress import Counted, Progress
 from fishprune.ranking import (
     all_connected,
     critical_sparsity,
@@ -103,7 +104,8 @@ class Analysis:
 
 
 def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
-            resolution: float = 1e-3, say: Callable[[str], None] | None = None) -> Analysis:
+            resolution: float = 1e-3, say: Callable[[str], None] | None = None,
+            show_progress: bool = False) -> Analysis:
     """Score once (or re-prune per probe for iterative criteria) and analyze layer collapse.
 
     Uses exactly the run's data, model, warm-up and scoring settings (``cfg.prune.sparsity`` and
@@ -119,7 +121,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
                           "trains to find its masks): run it with `fishprune run`")
     sparsities = sorted(set(validate_sparsities(sparsities)))
     p = cfg.prune
-    prep = prepare(cfg, say)
+    prep = prepare(cfg, say, show_progress=show_progress)
     ds, train_idx, model, device = prep.ds, prep.train_idx, prep.model, prep.device
     input_shape = tuple(ds.train_x.shape[1:])
     scored_parameters(cfg, model)  # a usage error when exclude leaves nothing to score
@@ -131,8 +133,9 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
         notes.append("sanity=shuffle permutes positions within layers: layer densities are "
                      "those shown, path connectivity is that of the unshuffled mask")
     if p.sanity == "invert" or rounds == 1:
-        with timed() as elapsed:
-            scores = fp.score(model, p.criterion, batches, **common)
+        with timed() as elapsed, Progress(f"scoring ({p.criterion})", len(batches),
+                                          show=show_progress, say=say) as bar:
+            scores = fp.score(model, p.criterion, Counted(batches, bar), **common)
         if p.sanity == "invert":  # as the pipeline: keep the lowest-scored weights
             scores = invert_scores(scores)
         seconds = elapsed()
@@ -147,9 +150,12 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     @functools.cache  # bisections revisit sparsities of the table
     def prune_at(s: float) -> dict[str, Tensor]:
         probe = copy.deepcopy(model)
-        return fp.prune(probe, p.criterion, s, batches, rounds=rounds, scope=p.scope, **common)
+        return fp.prune(probe, p.criterion, s, batches, rounds=rounds, scope=p.scope,
+                        on_round=lambda _r, _n: bar.update(1), **common)
 
-    with timed() as elapsed:
+    # The bisection decides how many probes (of ``rounds`` rounds each) it needs: no total.
+    with timed() as elapsed, Progress(f"pruning probes ({p.criterion}, {rounds} rounds each)",
+                                      None, show=show_progress, say=say, unit="rounds") as bar:
         result = _analyze_masks(cfg, model, input_shape, sparsities, resolution, 0.0, notes,
                                 prune_at)
     result.score_seconds = elapsed()
@@ -285,6 +291,8 @@ def analysis_dir(cfg: RunConfig) -> Path:
     """``<out>/analyze/<model>-<dataset>-<criterion>-<hash of what changes the analysis>``."""
     diff = non_default(cfg)
     for key in (*LOCATION_KEYS, "sparsity", "epochs"):
-        diff.pop(key, None)
-    name = f"{cfg.model.model}-{cfg.data.dataset}-{cfg.prune.criterion}-{digest(diff, 8)}"
+        if not (key == "data_dir" and cfg.data.dataset in DATA_DIR_IS_DATA):  # folder = data
+            diff.pop(key, None)
+    model = cfg.model.model.replace(":", "-")  # hf:vit, package.module:factory
+    name = f"{model}-{cfg.data.dataset}-{cfg.prune.criterion}-{digest(diff, 8)}"
     return Path(cfg.out) / "analyze" / name

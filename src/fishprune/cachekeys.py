@@ -26,10 +26,29 @@ def cache_dir(cfg: RunConfig) -> Path:
     return Path(cfg.out) / CACHE
 
 
+def _model(cfg: RunConfig) -> dict:
+    """The model settings; ``model_kwargs`` only when set, so that older keys stay valid."""
+    model = asdict(cfg.model)
+    if not model.get("model_kwargs"):
+        model.pop("model_kwargs", None)
+    return model
+
+
+def _dataset(cfg: RunConfig) -> str | list:
+    """The dataset's identity: its name, plus its folder and image size where they decide the
+    data (image folders)."""
+    from fishprune.config import DATA_DIR_IS_DATA
+
+    d = cfg.data
+    extra = [d.data_dir] if d.dataset in DATA_DIR_IS_DATA else []
+    extra += [d.image_size] if d.image_size is not None else []
+    return [d.dataset, *extra] if extra else d.dataset
+
+
 def init_key(cfg: RunConfig) -> str:
     """The seeded initialization depends on the model settings, the dataset (its input shape
     and number of classes) and the seed."""
-    return digest(["init", asdict(cfg.model), cfg.data.dataset, cfg.seed])
+    return digest(["init", _model(cfg), _dataset(cfg), cfg.seed])
 
 
 def warmup_key(cfg: RunConfig, device_type: str) -> str | None:
@@ -39,9 +58,15 @@ def warmup_key(cfg: RunConfig, device_type: str) -> str | None:
     w = cfg.warmup
     if not (w.warmup_epochs or w.bn_warmup):
         return None
-    data = {k: v for k, v in asdict(cfg.data).items() if k != "data_dir"}
+    from fishprune.config import DATA_DIR_IS_DATA
+
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("data_dir", "num_workers")}
+    if data.get("image_size") is None:  # settings added later count only when set
+        data.pop("image_size", None)
+    if cfg.data.dataset in DATA_DIR_IS_DATA:  # the folder is the data
+        data["data_dir"] = cfg.data.data_dir
     train = {k: v for k, v in asdict(cfg.train).items() if k != "epochs"}
-    return digest(["warmup", asdict(cfg.model), data, asdict(w), train, cfg.seed, device_type])
+    return digest(["warmup", _model(cfg), data, asdict(w), train, cfg.seed, device_type])
 
 
 def init_path(cfg: RunConfig) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,15 +79,33 @@ class DataConfig:
     split_seed: int = 0  # a fixed split for every run (the papers use one constant seed)
     batch_size: int = 128
     augment: bool | None = None  # None: random crop + flip for CIFAR, nothing for (F-)MNIST
+    image_size: int | None = None  # image folders: resize to this square size (None: 64)
+    num_workers: int | None = None  # image folders: decoding processes (None: up to 4; 0: none)
+
+    def __post_init__(self) -> None:
+        # An image folder *is* the data: its directory counts in the run id, made absolute so
+        # that the same folder named from elsewhere is the same run.
+        if self.dataset in DATA_DIR_IS_DATA and isinstance(self.data_dir, str) and self.data_dir:
+            object.__setattr__(self, "data_dir", os.path.abspath(self.data_dir))
 
     def validate(self) -> None:
-        from fishprune.data import datasets
+        from fishprune.data import FOLDER_DATASETS, datasets
 
         _check_choice("dataset", self.dataset, datasets())
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
         _check_seed("split_seed", self.split_seed)
         if self.batch_size < 1:
             _fail(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.dataset in DATA_DIR_IS_DATA and not self.data_dir:
+            _fail(f"dataset {self.dataset} needs --data-dir (a folder with train/<class>/ images)")
+        if self.image_size is not None:
+            if self.dataset not in FOLDER_DATASETS:
+                _fail(f"image_size applies to image folders ({', '.join(FOLDER_DATASETS)}); "
+                      f"{self.dataset} has a fixed size")
+            if self.image_size < 1:
+                _fail(f"image_size must be >= 1; got {self.image_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            _fail(f"num_workers must be >= 0; got {self.num_workers}")
 
 
 
@@ -98,16 +117,32 @@ MAX_WIDTH = 64.0
 class ModelConfig:
     """Architecture, width multiplier and initialization."""
 
-    model: str = "lenet5"
+    model: str = "lenet5"  # a zoo model, or timm:NAME, torchvision:NAME, hf:TYPE, module:factory
     width: float = 1.0
     init: str = "default"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # external models' arguments
 
     def validate(self) -> None:
-        from fishprune.models import INITS, models
+        from fishprune.models import INITS, ExternalModelError, check_spec, is_external, models
 
-        _check_choice("model", self.model, models())
+        if is_external(self.model):
+            try:
+                check_spec(self.model)
+            except ExternalModelError as err:
+                _fail(str(err))
+            if self.width != 1.0:
+                _fail(f"width applies to the zoo models only; got {self.width} for {self.model}")
+        else:
+            _check_choice("model", self.model, models())
         _check_choice("init", self.init, INITS)
         _check_positive("width", self.width, upper=MAX_WIDTH)
+        if not isinstance(self.model_kwargs, dict) or not all(
+            isinstance(k, str) for k in self.model_kwargs
+        ):
+            _fail(f"model_kwargs must be a table of named values; got {self.model_kwargs!r}")
+        if self.model_kwargs and not is_external(self.model):
+            _fail(f"model_kwargs apply to external models (timm:, torchvision:, hf:, "
+                  f"module:factory); {self.model} takes none")
 
 
 @dataclass(frozen=True)
@@ -260,6 +295,8 @@ class RunConfig:
         """Hash of the non-default settings that change what is computed."""
         diff = non_default(self)
         for key in LOCATION_KEYS:
+            if key == "data_dir" and self.data.dataset in DATA_DIR_IS_DATA:
+                continue  # the folder is the data
             diff.pop(key, None)
         return digest(diff, 12)
 
@@ -276,7 +313,10 @@ class RunConfig:
 
 SECTIONS = ("data", "model", "warmup", "prune", "train")
 #: Settings that say where or how to react, not what is computed: excluded from run ids.
-LOCATION_KEYS = ("data_dir", "out", "device", "on_collapse")
+LOCATION_KEYS = ("data_dir", "out", "device", "on_collapse", "num_workers")
+#: Datasets whose ``data_dir`` is the data itself (not where a known dataset lies): it counts
+#: in the run id and the cache keys.
+DATA_DIR_IS_DATA = ("imagefolder",)
 #: The field of :class:`PruneConfig` that holds the criterion's options (not a flat setting).
 OPTIONS = "options"
 

@@ -26,14 +26,19 @@ from fishprune import atomic, cachekeys
 from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import ConfigError, RunConfig
+from fishprune.criteria import get_criterion
 from fishprune.data import (
     DatasetTensors,
+    FolderData,
+    ImageBatches,
     TensorBatches,
     load_dataset,
+    make_batches,
     scoring_indices,
     stratified_split,
 )
 from fishprune.models import build_model
+from fishprune.progress import Counted, Progress
 from fishprune.provenance import provenance
 from fishprune.rundir import (
     BEST,
@@ -96,11 +101,11 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
 
 
 def _run(cfg: RunConfig, rd: RunDir, show_progress: bool, say: Say) -> dict[str, Any]:
-    prep = prepare(cfg, say)
+    prep = prepare(cfg, say, show_progress=show_progress)
     ds, model, device = prep.ds, prep.model, prep.device
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
-    masks, score_seconds = pruning_masks(cfg, prep, rd, say)
+    masks, score_seconds = pruning_masks(cfg, prep, rd, say, show_progress=show_progress)
     rd.write_config(cfg)
     rd.write_json(PROVENANCE, provenance(device, data_source=ds.source))
     if cfg.prune.sanity == "reinit":
@@ -148,62 +153,72 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def make_loaders(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, val_idx: torch.Tensor,
-                 device: torch.device) -> dict[str, TensorBatches]:
-    """Train (shuffled, augmented where the dataset wants it), validation and test batches."""
+def make_loaders(cfg: RunConfig, ds: DatasetTensors | FolderData, train_idx: torch.Tensor,
+                 val_idx: torch.Tensor, device: torch.device
+                 ) -> dict[str, TensorBatches | ImageBatches]:
+    """Train (shuffled, augmented where the dataset wants it), validation and test batches
+    (streamed from disk for image folders)."""
     augment = cfg.data.augment if cfg.data.augment is not None else ds.in_channels == 3
-    common = {"mean": ds.mean, "std": ds.std, "device": device}
+    common = {"mean": ds.mean, "std": ds.std, "device": device,
+              "num_workers": cfg.data.num_workers}
     b = cfg.data.batch_size
     loaders = {
-        "train": TensorBatches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
-                               shuffle=True, seed=cfg.seed, augment=augment, **common),
-        "train_plain": TensorBatches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
-                                     **common),
-        "test": TensorBatches(ds.test_x, ds.test_y, batch_size=1024, **common),
+        "train": make_batches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
+                              shuffle=True, seed=cfg.seed, augment=augment, **common),
+        "train_plain": make_batches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
+                                    **common),
+        "test": make_batches(ds.test_x, ds.test_y, batch_size=1024, **common),
     }
     if len(val_idx):
-        loaders["val"] = TensorBatches(ds.train_x[val_idx], ds.train_y[val_idx], batch_size=1024,
-                                       **common)
+        loaders["val"] = make_batches(ds.train_x[val_idx], ds.train_y[val_idx], batch_size=1024,
+                                      **common)
     return loaders
 
 
-def fresh_model(cfg: RunConfig, ds: DatasetTensors, *, seed: int) -> nn.Module:
+def fresh_model(cfg: RunConfig, ds: DatasetTensors | FolderData, *, seed: int) -> nn.Module:
     """The model of ``cfg`` for ``ds``, initialized from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return build_model(cfg.model.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
-                       image_size=ds.image_size, width=cfg.model.width, init=cfg.model.init)
+                       image_size=cfg.data.image_size or ds.image_size, width=cfg.model.width,
+                       init=cfg.model.init, kwargs=cfg.model.model_kwargs)
 
 
 @dataclass
 class Prepared:
     """Everything before scoring: data, split, loaders, and the (warmed-up) model."""
 
-    ds: DatasetTensors
+    ds: DatasetTensors | FolderData
     train_idx: torch.Tensor
     val_idx: torch.Tensor
-    loaders: dict[str, TensorBatches]
+    loaders: dict[str, TensorBatches | ImageBatches]
     model: nn.Module
     device: torch.device
     warmup_seconds: float
 
 
-def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
+def prepare(cfg: RunConfig, say: Say = lambda _m: None, *, show_progress: bool = False
+            ) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
     device = resolve_device(cfg.device)
-    data_dir = cfg.data.data_dir
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise ConfigError(f"data_dir {data_dir} is not a directory (a directory you name is used "
-                          "as given, never replaced by another location)")
-    ds = load_dataset(cfg.data.dataset, data_dir)
-    train_idx, val_idx = stratified_split(ds.train_y, cfg.data.val_fraction, cfg.data.split_seed)
+    d = cfg.data
+    if d.data_dir is not None and not Path(d.data_dir).expanduser().is_dir():
+        raise ConfigError(f"data_dir {d.data_dir} is not a directory (a directory you name is "
+                          "used as given, never replaced by another location)")
+    ds = load_dataset(d.dataset, d.data_dir, image_size=d.image_size, num_workers=d.num_workers)
+    if getattr(ds, "val_split", None) is not None:  # an image folder with its own val/
+        train_idx, val_idx = ds.val_split
+    else:
+        train_idx, val_idx = stratified_split(ds.train_y, d.val_fraction, d.split_seed)
     missing = set(ds.train_y.unique().tolist()) - set(ds.train_y[train_idx].unique().tolist())
     if missing:
-        raise ConfigError(f"val_fraction={cfg.data.val_fraction} leaves no training sample of "
-                          f"{len(missing)} class(es) of {cfg.data.dataset}: use a smaller one")
+        raise ConfigError(f"val_fraction={d.val_fraction} leaves no training sample of "
+                          f"{len(missing)} class(es) of {d.dataset}: use a smaller one")
+    for note in getattr(ds, "notes", ()):
+        say(f"{ds.name} {ds.source}: {note}")
     loaders = make_loaders(cfg, ds, train_idx, val_idx, device)
     atomic.remove_stale_temps(cachekeys.cache_dir(cfg))  # left by killed writers only
     model = initial_model(cfg, ds, device, say)
-    seconds = warm_up(cfg, model, loaders, device, say=say)
+    seconds = warm_up(cfg, model, loaders, device, say=say, show_progress=show_progress)
     return Prepared(ds, train_idx, val_idx, loaders, model, device, seconds)
 
 
@@ -238,7 +253,7 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device,
 
 
 def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
-            device: torch.device, *, say: Say) -> float:
+            device: torch.device, *, say: Say, show_progress: bool = False) -> float:
     """Dense warm-up epochs and/or the BN-statistics pass, in place; cached like the init.
 
     Returns the seconds the warm-up took (also when it is loaded from the cache, where the
@@ -259,16 +274,20 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
             for epoch in range(w.warmup_epochs):
                 set_lr_(optimizer, lr_at(epoch, cfg.train))
                 loaders["train"].set_epoch(epoch)
-                try:
-                    loss, acc = train_epoch(model, loaders["train"], optimizer, None,
-                                            device=device)
-                except DivergedError as err:
-                    raise DivergedError(f"warm-up epoch {epoch + 1}: {err} (try a lower --lr)"
-                                        ) from None
+                with Progress(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}",
+                              len(loaders["train"]), show=show_progress, say=say) as bar:
+                    try:
+                        loss, acc = train_epoch(model, loaders["train"], optimizer, None,
+                                                device=device, progress=bar.update)
+                    except DivergedError as err:
+                        raise DivergedError(f"warm-up epoch {epoch + 1}: {err} (try a lower "
+                                            "--lr)") from None
                 say(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}: loss {loss:.4f}, "
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
-            bn_warmup_(model, loaders["train_plain"])
+            with Progress("BN statistics", len(loaders["train_plain"]), show=show_progress,
+                          say=say) as bar:
+                bn_warmup_(model, Counted(loaders["train_plain"], bar))
     path.parent.mkdir(parents=True, exist_ok=True)
     tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
@@ -284,8 +303,8 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
     y = ds.train_y[idx]
     if p.sanity == "random-labels":
         y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
-    return TensorBatches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
-                         std=ds.std, device=device)
+    return make_batches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
+                        std=ds.std, device=device, num_workers=cfg.data.num_workers)
 
 
 def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -297,7 +316,8 @@ def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Paramete
     return params
 
 
-def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say
+def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
+                  show_progress: bool = False
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """Score and select, or run IMP (or load the stored masks). Leaves the model's weights
     untouched."""
@@ -323,13 +343,19 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say
         batches = scoring_batches(cfg, ds, train_idx, device)
         saved = {n: w.detach().clone() for n, w in params.items()}
         common = {"seed": cfg.seed, "mode": p.score_mode, "exclude": p.exclude, **p.options}
-        with timed() as elapsed:
+        rounds = 1 if p.sanity == "invert" else (
+            p.rounds or get_criterion(p.criterion).default_rounds)
+        bar = (Progress(f"scoring ({p.criterion})", len(batches), show=show_progress, say=say)
+               if rounds == 1 else Progress(f"pruning ({p.criterion})", rounds,
+                                            show=show_progress, say=say, unit="rounds"))
+        data = Counted(batches, bar) if rounds == 1 else batches
+        with timed() as elapsed, bar:
             if p.sanity == "invert":  # keep the lowest-scored weights (one shot)
-                scores = invert_scores(fp.score(model, p.criterion, batches, **common))
+                scores = invert_scores(fp.score(model, p.criterion, data, **common))
                 masks = fp.select(scores, p.sparsity, scope=p.scope)
             else:
-                masks = fp.prune(model, p.criterion, p.sparsity, batches, rounds=p.rounds,
-                                 scope=p.scope, **common)
+                masks = fp.prune(model, p.criterion, p.sparsity, data, rounds=p.rounds,
+                                 scope=p.scope, on_round=lambda _r, _n: bar.update(1), **common)
         seconds = elapsed()
         with torch.no_grad():  # undo prune's zeroing: sanity checks may move the mask
             for n, w in params.items():
@@ -362,6 +388,10 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
     # and violations() checks it after every epoch.
     masker = fp.Masker(model, masks, guard=False)
     history = load_history(rd, model, optimizer)
+    if history:
+        say(f"resuming from epoch {len(history) + 1}/{t.epochs} ({rd.checkpoint.name})"
+            if len(history) < t.epochs else
+            f"resuming after the last epoch ({rd.checkpoint.name})")
     best = max(history, key=lambda h: (h.val_acc if h.val_acc is not None else -1, -h.epoch),
                default=None)
     offset = cfg.warmup.warmup_epochs

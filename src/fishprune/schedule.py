@@ -8,7 +8,7 @@ scoring round and can never come back: they rank below every weight still alive.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ def prune(
     loss_fn: LossFn | None = None,
     mode: str = "eval",
     exclude: Iterable[str] = (),
+    on_round: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` with ``criterion``; return the masks.
@@ -42,6 +43,7 @@ def prune(
     ``mode``, ``exclude`` and criterion ``options``) and keeps the top d^(r/R) fraction of the
     weights still alive (``scope`` "global" or "layer"). The returned masks keep exactly
     ``round((1 − sparsity) · N)`` weights (per tensor for ``scope="layer"``).
+    ``on_round(r, rounds)`` is called after round ``r`` (progress displays).
     """
     density = 1.0 - validate_sparsity(sparsity)
     crit = get_criterion(criterion)
@@ -64,6 +66,8 @@ def prune(
         round_density = density if r == total else density ** (r / total)
         masks = select_density(scores, round_density, scope=scope)
         apply_masks(model, masks)
+        if on_round is not None:
+            on_round(r, total)
     assert masks is not None
     return masks
 

@@ -43,6 +43,10 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             _fail(f"{name} must be a list of {item.__name__}; got {value!r}")
         return tuple(_scalar(name, v, item) for v in value)
+    if typing.get_origin(kind) is dict:  # model_kwargs: named values of any TOML type
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(f"{name} must be a table of named values; got {value!r}")
+        return dict(value)
     return _scalar(name, value, kind)
 
 

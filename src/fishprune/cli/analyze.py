@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
                           f"got {args.resolution}")
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     say(describe(cfg))
-    result = analyze(cfg, sparsities, resolution=args.resolution, say=say)
+    result = analyze(cfg, sparsities, resolution=args.resolution, say=say,
+                     show_progress=not args.quiet and sys.stderr.isatty())
     out = Path(args.report_dir) if args.report_dir else analysis_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "analysis.json", result.to_dict())

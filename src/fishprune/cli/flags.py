@@ -20,15 +20,20 @@ from fishprune import settings as S
 from fishprune._version import __version__
 
 HELP = {
-    "dataset": "dataset name (see `fishprune datasets`)",
+    "dataset": "dataset name (see `fishprune datasets`); imagefolder reads --data-dir",
     "data_dir": "directory holding the dataset files (else $FISHPRUNE_DATA, system, cache)",
     "val_fraction": "stratified validation fraction of the training set",
     "split_seed": "seed of the train/validation split (fixed across runs)",
     "batch_size": "training batch size",
     "augment": "random crop + flip (default: on for 3-channel data)",
-    "model": "architecture (see `fishprune models`)",
+    "model": "architecture: a zoo model, timm:NAME, torchvision:NAME, hf:MODEL_TYPE or "
+             "package.module:factory (see `fishprune models`)",
     "width": "width multiplier of every hidden layer",
     "init": "weight initialization: default, kaiming_normal, xavier_normal",
+    "model_kwargs": "arguments of an external model, as KEY=VALUE (TOML values), e.g. "
+                    "hidden_size=64 (TOML: a [model.model_kwargs] table; default: none)",
+    "image_size": "image folders: resize images to this square size (default: 64)",
+    "num_workers": "image folders: decoding worker processes (default: up to 4; 0: none)",
     "warmup_epochs": "dense training epochs before pruning (cures layer collapse)",
     "bn_warmup": "refresh BatchNorm statistics with one train-mode pass before scoring",
     "criterion": "pruning criterion (see `fishprune criteria`), or imp (iterative magnitude "
@@ -87,7 +92,7 @@ def _default_text(name: str) -> str:
     owner = C.RunConfig() if section is None else getattr(C.RunConfig(), section)
     value = getattr(owner, name)
     shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-    return f" (default: {shown})" if shown not in ("", None) else ""
+    return f" (default: {shown})" if shown not in ("", None, {}) else ""
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +114,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, nargs="+", type=_parse_pair, metavar="KEY=VALUE", **extra)
         elif typing.get_origin(kind) is tuple:
             parser.add_argument(flag, nargs="*", type=typing.get_args(kind)[0], **extra)
         else:
@@ -128,6 +135,27 @@ def _parse_option(pair: str) -> tuple[str, Any]:
     return name.strip().replace("-", "_"), value
 
 
+def _parse_pair(pair: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a table setting (``--model-kwargs``), the value read as TOML."""
+    name, sep, text = pair.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"needs KEY=VALUE; got {pair!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return name.strip(), value
+
+
+def _table(name: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise UsageError(f"--{name.replace('_', '-')}: {key} is given twice")
+        out[key] = value
+    return out
+
+
 def settings_from(args: argparse.Namespace) -> C.RunConfig:
     """Defaults < preset < config file < flags, validated."""
     values: dict[str, Any] = {}
@@ -136,7 +164,12 @@ def settings_from(args: argparse.Namespace) -> C.RunConfig:
     if getattr(args, "config", None):
         values.update(S.from_toml(args.config))
     names = set(S.setting_names())
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    for k, v in vars(args).items():
+        if k in names and typing.get_origin(C.setting_kind(k)) is dict:  # merged over the file's
+            base = values.get(k) if isinstance(values.get(k), dict) else {}
+            values[k] = {**base, **_table(k, v)}
+        elif k in names:
+            values[k] = v
     seen: set[str] = set()
     for pair in getattr(args, "option_pairs", []):
         name, value = _parse_option(pair)

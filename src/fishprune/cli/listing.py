@@ -22,8 +22,11 @@ def main(args: argparse.Namespace) -> int:
               "(trains every round; the upper bound)  [settings: imp_fraction=0.2]")
     elif args.command == "models":
         from fishprune.models import models
+        from fishprune.models.external import spec_help
 
         print("\n".join(models()))
+        print("\nexternal models (--model SPEC, arguments with --model-kwargs KEY=VALUE):")
+        print("\n".join(spec_help()))
     else:
         from fishprune.data import datasets
 

@@ -37,6 +37,7 @@ from fishprune.data.files import (
     verify_bytes,
     verify_file,
 )
+from fishprune.data.folders import FolderData, load_imagefolder, load_tinyimagenet
 from fishprune.data.parsers import parse_cifar, parse_idx, read_maybe_gzip, read_tar_members
 from fishprune.data.synthetic import make_synthetic
 from fishprune.data.tensors import DatasetTensors
@@ -309,19 +310,32 @@ DATASETS: dict[str, Loader] = {
 }
 
 
+#: Datasets streamed from image files (:mod:`fishprune.data.folders`), never downloaded.
+FOLDER_LOADERS: dict[str, Callable[..., FolderData]] = {
+    "imagefolder": load_imagefolder,
+    "tinyimagenet": load_tinyimagenet,
+}
+
+
 def datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    return sorted(DATASETS)
+    return sorted([*DATASETS, *FOLDER_LOADERS])
 
 
-def load_dataset(name: str, data_dir: DataDir = None, *, download: bool = True) -> DatasetTensors:
-    """Load dataset ``name`` whole into memory (see :mod:`fishprune.data.files` for the search).
+def load_dataset(name: str, data_dir: DataDir = None, *, download: bool = True,
+                 image_size: int | None = None, num_workers: int | None = None
+                 ) -> DatasetTensors | FolderData:
+    """Load dataset ``name`` whole into memory (see :mod:`fishprune.data.files` for the search),
+    or, for an image folder, its file list (``image_size`` and ``num_workers`` apply to those
+    only; see :mod:`fishprune.data.folders`).
 
     Raises:
         ValueError: unknown ``name``.
         DatasetNotFoundError: the files are nowhere and could not be downloaded.
         DatasetFileError: a file is corrupt or fails its checksum (ChecksumError).
     """
+    if name in FOLDER_LOADERS:
+        return FOLDER_LOADERS[name](data_dir, image_size, num_workers)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(datasets())}")
     return DATASETS[name](data_dir, download)

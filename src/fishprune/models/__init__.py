@@ -3,6 +3,8 @@
 ``build_model(name, ...)`` looks ``name`` up in :data:`MODELS` (a plain dict; adding a model is
 one import and one line here), builds it for the given input shape and width multiplier, and
 applies the initialisation scheme ``init`` (see :mod:`fishprune.models.initialization`).
+A ``name`` with a colon is an external model (``timm:resnet18``, ``hf:vit``,
+``mypackage.models:build``; see :mod:`fishprune.models.external`), built with ``kwargs``.
 
 Seeding is the caller's job: call ``torch.manual_seed`` before ``build_model``; given the global
 seed, building is deterministic. Every model is a plain ``nn.Module`` made of standard
@@ -13,10 +15,17 @@ seed, building is deterministic. Every model is a plain ``nn.Module`` made of st
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
+from fishprune.models.external import (
+    ExternalModelError,
+    LogitsOnly,
+    build_external,
+    check_spec,
+    is_external,
+)
 from fishprune.models.initialization import INITS, check_init, initialize_
 from fishprune.models.lenet import lenet5, lenet300
 from fishprune.models.resnet import resnet18, resnet20
@@ -57,17 +66,27 @@ def build_model(
     image_size: int = 28,
     width: float = 1.0,
     init: str = "default",
+    kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build model ``name`` for ``in_channels``×``image_size``² inputs and ``num_classes`` outputs.
 
     ``width`` multiplies every hidden width / channel count (rounded, at least 1); ``init`` is one
-    of ``INITS``. Raises ``ValueError`` for an unknown name, init, image size or width.
+    of ``INITS``; ``kwargs`` go to an external model's builder (zoo models take none). Raises
+    ``ValueError`` for an unknown name, init, image size or width.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {models()}")
     check_init(init)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if is_external(name):
+        if width != 1.0:
+            raise ValueError(f"width applies to the zoo models only; {name} has width {width}")
+        model = build_external(name, in_channels=in_channels, num_classes=num_classes,
+                               image_size=image_size, kwargs=kwargs)
+        return initialize_(model, init)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {models()}")
+    if kwargs:
+        raise ValueError(f"model kwargs apply to external models only; {name} takes none")
     model = MODELS[name](
         in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width
     )
@@ -91,9 +110,14 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 __all__ = [
     "INITS",
     "MODELS",
+    "ExternalModelError",
+    "LogitsOnly",
     "ModelBuilder",
+    "build_external",
     "build_model",
+    "check_spec",
     "count_parameters",
     "has_batchnorm",
+    "is_external",
     "models",
 ]
