@@ -104,7 +104,7 @@ from benchmarks.bench_scoring import (  # noqa: E402
 )
 from benchmarks.bench_training import Loop, cpu_name, synchronize  # noqa: E402
 from benchmarks.gpu_report import Section, markdown  # noqa: E402
-from fishprune import io  # noqa: E402
+from fishprune import atomic  # noqa: E402
 from fishprune.config import TrainConfig  # noqa: E402
 from fishprune.data import TensorBatches, load_dataset  # noqa: E402
 from fishprune.data.registry import CIFAR_SPECS  # noqa: E402
@@ -725,7 +725,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[Context, Section], None]], ...] = (
 
 def finite(obj: Any) -> Any:
     """``obj`` with non-finite floats as None: strict JSON (section order kept, unlike
-    ``io.atomic_write_json``, which sorts keys)."""
+    ``atomic.write_json``, which sorts keys)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -853,8 +853,8 @@ def _main(args: argparse.Namespace, sizes: Sizes, argv: list[str], started: floa
                       incomplete=cut,
                       passed=not failed, verdict=verdict,
                       sections={sec.name: asdict(sec) for sec in sections})
-        io.atomic_write_text(out / "report.json", json.dumps(finite(report), indent=1) + "\n")
-        io.atomic_write_text(out / "report.md", markdown(report, sections) + "\n")
+        atomic.write_text(out / "report.json", json.dumps(finite(report), indent=1) + "\n")
+        atomic.write_text(out / "report.md", markdown(report, sections) + "\n")
 
     log(f"gpu_check on {device} ({report['environment']['device_name']}), torch "
         f"{torch.__version__}, budget {args.budget:.0f} s, report in {out}/")

@@ -1,4 +1,4 @@
-"""Tests for fishprune.io: atomic writes, bit-packed masks, checkpoints, compact pruned export."""
+"""Tests for the artifact formats: atomic writes, bit-packed masks, checkpoints, compact export."""
 
 from __future__ import annotations
 

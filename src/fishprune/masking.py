@@ -59,7 +59,9 @@ class Masker:
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], *, guard: bool = True) -> None:
         pairs = _check(model, masks)
         self.params = [p for p, _ in pairs.values()]
-        self.pruned = [~m for _, m in pairs.values()]  # True where the weight is pruned
+        # True where the weight is pruned, laid out like the weight (channels_last on CUDA), so
+        # the in-place fills run on matching strides.
+        self.pruned = [torch.empty_like(p, dtype=torch.bool).copy_(~m) for p, m in pairs.values()]
         self.guard = guard
 
     @torch.no_grad()
