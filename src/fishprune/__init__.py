@@ -5,16 +5,19 @@
 """
 
 from fishprune._version import __version__
+from fishprune.autograd import ScoreInfo
 from fishprune.criteria import criteria
 from fishprune.exporting import export, load_pruned
 from fishprune.masking import Masker, apply_masks
-from fishprune.params import prunable_parameters
+from fishprune.params import PrunableReport, prunable_parameters, prunable_report
 from fishprune.schedule import prune
 from fishprune.scoring import score
 from fishprune.selection import density_of, layer_densities, select
 
 __all__ = [
     "Masker",
+    "PrunableReport",
+    "ScoreInfo",
     "__version__",
     "apply_masks",
     "criteria",
@@ -23,6 +26,7 @@ __all__ = [
     "layer_densities",
     "load_pruned",
     "prunable_parameters",
+    "prunable_report",
     "prune",
     "score",
     "select",
