@@ -6,15 +6,16 @@
 
 from fishprune._version import __version__
 from fishprune.autograd import ScoreInfo
-from fishprune.criteria import criteria
+from fishprune.criteria import criteria, register, register_criterion
 from fishprune.exporting import export, load_pruned
 from fishprune.masking import Masker, apply_masks
 from fishprune.params import PrunableReport, prunable_parameters, prunable_report
 from fishprune.schedule import prune
-from fishprune.scoring import score
+from fishprune.scoring import LayerCollapseWarning, score
 from fishprune.selection import density_of, layer_densities, select
 
 __all__ = [
+    "LayerCollapseWarning",
     "Masker",
     "PrunableReport",
     "ScoreInfo",
@@ -28,6 +29,8 @@ __all__ = [
     "prunable_parameters",
     "prunable_report",
     "prune",
+    "register",
+    "register_criterion",
     "score",
     "select",
 ]

@@ -370,7 +370,11 @@ class _HVP:
         if self.policy == "fd":
             self.info.hvp_reason = "requested (hvp='fd')"
         else:
-            self.info.hvp_reason = "; then ".join(reasons)
+            unique = list(dict.fromkeys(reasons))
+            self.info.hvp_reason = unique[0] + (
+                "" if len(unique) > 1 or method != "fd" or len(reasons) < 2
+                else "; also under the math SDPA kernel"
+            ) + "".join(f"; then {r}" for r in unique[1:])
         what = {"exact-math-sdpa": "exact, under the math SDPA kernel",
                 "fd": "central finite differences of gradients"}[method]
         warnings.warn(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,6 +27,26 @@ from fishprune.modes import restored_modes
 from fishprune.params import Selector, prunable_parameters, require_prunable
 
 MODES = ("eval", "train")
+ON_EMPTY = ("warn", "error", "ignore")
+
+
+class LayerCollapseWarning(UserWarning):
+    """A mask keeps no weight of some layer (layer collapse, Tanaka et al. 2020)."""
+
+
+def check_empty_layers(masks: dict[str, Tensor], on_empty: str, *, stacklevel: int = 3) -> None:
+    """Warn (``"warn"``), raise a ``ValueError`` (``"error"``) or do nothing (``"ignore"``) when
+    a mask keeps no weight of a tensor: an empty layer disconnects the network."""
+    if on_empty not in ON_EMPTY:
+        raise ValueError(f"on_empty must be one of {', '.join(ON_EMPTY)}, got {on_empty!r}")
+    empty = [n for n, m in masks.items() if m.numel() and not bool(m.any())]
+    if not empty or on_empty == "ignore":
+        return
+    message = (f"layer collapse: the mask keeps no weight of {len(empty)} tensor(s): "
+               f"{', '.join(empty)} (lower the sparsity, use scope='layer', or a warm-up)")
+    if on_empty == "error":
+        raise ValueError(message)
+    warnings.warn(message, LayerCollapseWarning, stacklevel=stacklevel)
 
 
 def score(

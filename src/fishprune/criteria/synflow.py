@@ -37,7 +37,14 @@ def synflow(
     if opts.input_shape:
         shape = tuple(opts.input_shape)
     elif batches is not None:
-        shape = tuple(batches.first()[0].shape[1:])
+        inputs = batches.first()[0]
+        if not isinstance(inputs, Tensor):
+            raise ValueError(
+                "synflow is defined for tensor inputs (it runs the network on an all-ones "
+                "input); these batches hold keyword inputs: pass input_shape=(...) for a model "
+                "called as model(tensor), or use another criterion"
+            )
+        shape = tuple(inputs.shape[1:])
     else:
         raise ValueError("synflow needs the input shape: pass batches or input_shape=(C, H, W)")
     device = next(iter(params.values())).device
