@@ -686,7 +686,9 @@ def _func_squared_grads(
             per = vmap(grad(sample_loss), in_dims=(None, 0, 0))(detached, chunk, targets[s])
         except RuntimeError as error:
             if "randomness" not in str(error):
-                raise
+                # An operator vmap cannot batch (recurrent layers' in-place kernels): one
+                # backward pass per sample, the definition itself.
+                return _loop_squared_grads(model, params, inputs, targets, loss_fn)
             raise ValueError(
                 f"per_sample=True: {', '.join(params)} need torch.func per-sample gradients, "
                 "which cannot replay the random draws of the batch's forward (dropout in "
@@ -694,4 +696,22 @@ def _func_squared_grads(
             ) from error
         for name, g in per.items():
             out[name].add_(g.to(out[name].dtype).square().sum(0))
+    return out
+
+
+def _loop_squared_grads(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: Inputs,
+    targets: Tensor,
+    loss_fn: LossFn,
+) -> dict[str, Tensor]:
+    """Σ_n (∂ℓ_n/∂w)² with one backward pass per sample (where ``vmap`` cannot batch)."""
+    names, tensors = list(params), list(params.values())
+    out = {n: _zeros(p) for n, p in params.items()}
+    for i in range(targets.shape[0]):
+        rows = slice(i, i + 1)
+        grads = gradients(batch_loss(model, (take(inputs, rows), targets[rows]), loss_fn), tensors)
+        for name, g in zip(names, grads):
+            out[name].addcmul_(g.to(out[name].dtype), g.to(out[name].dtype))
     return out
