@@ -175,7 +175,7 @@ def test_zoo_contract(name: str, criterion: str) -> None:
     batches = make_batches(0)
     if criterion == "synflow" and (isinstance(batches[0], dict)
                                    or not batches[0][0].is_floating_point()):
-        with pytest.raises(ValueError, match="synflow is defined for (tensor|real-valued) inputs"):
+        with pytest.raises(ValueError, match=r"synflow is defined for (tensor|real-valued) inputs"):
             fp.score(model, criterion, batches, **extra)
         return
     before = snapshot(model)

@@ -167,23 +167,36 @@ def gradient_moments(
     loss_fn: LossFn,
     *,
     per_sample: bool = False,
+    squares: bool = True,
 ) -> Moments:
-    """ḡ and F̂ in one forward+backward pass per batch (Algorithm 1 of the FTS paper)."""
+    """ḡ and F̂ in one forward+backward pass per batch (Algorithm 1 of the FTS paper).
+
+    ``squares=False`` skips F̂ (``sq_mean`` is then empty) for criteria that only need ḡ. The
+    first batch's gradients start the sums (no zero-filled accumulators) and a single batch is
+    not divided by 1: on large models these parameter-sized passes cost as much as a layer.
+    """
     if per_sample:
         return _per_sample_moments(model, params, batches, loss_fn)
     names, tensors = list(params), list(params.values())
-    sums = [_zeros(p) for p in tensors]
-    squares = [_zeros(p) for p in tensors]
+    sums: list[Tensor] = []
+    sq: list[Tensor] = []
     count = 0
     for index, batch in enumerate(batches):
         grads = gradients(batch_loss(model, batch, loss_fn, index=index), tensors)
-        grads = [g.to(s.dtype) for g, s in zip(grads, sums)]
-        torch._foreach_add_(sums, grads)
-        torch._foreach_addcmul_(squares, grads, grads)
+        grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in grads]
+        if count == 0:
+            sums = grads
+            sq = torch._foreach_mul(grads, grads) if squares else []
+        else:
+            torch._foreach_add_(sums, grads)
+            if squares:
+                torch._foreach_addcmul_(sq, grads, grads)
         count += 1
-    torch._foreach_div_(sums, count)
-    torch._foreach_div_(squares, count)
-    return Moments(dict(zip(names, sums)), dict(zip(names, squares)), count)
+    if count > 1:
+        torch._foreach_div_(sums, count)
+        if squares:
+            torch._foreach_div_(sq, count)
+    return Moments(dict(zip(names, sums)), dict(zip(names, sq)), count)
 
 
 def mean_gradient(

@@ -123,8 +123,9 @@ def prunable_report(
             continue
         module_name, _, attr = name.rpartition(".")
         kind = type(model.get_submodule(module_name)).__name__
-        skipped[name] = (f"{kind}.{attr}: only the weights of Linear/Conv layers are pruned by "
-                         "default (include= adds others)")
+        skipped[name] = (f"{kind}.{attr}: a bias (include='*bias' adds biases)"
+                         if attr.endswith("bias") else
+                         f"{kind}.{attr}: not a Linear/Conv weight (include= adds it)")
     for s in (*includes, *excludes):
         if s in used:
             continue

@@ -19,5 +19,6 @@ def gn(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: MomentOptions,
 ) -> dict[str, Tensor]:
-    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample)
+    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample,
+                         squares=False)
     return {n: g.abs() for n, g in m.mean.items()}
