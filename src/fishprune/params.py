@@ -84,45 +84,49 @@ def prunable_report(
     """
     excludes = _patterns(exclude, "exclude")
     includes = _selectors(include)
+    # One pass over the modules (shared ones at every name): the order of named_parameters()
+    # with remove_duplicate=False, whose first name of each parameter is its named_parameters()
+    # name.
+    entries = [(f"{prefix}.{attr}" if prefix else attr, module, attr, p)
+               for prefix, module in model.named_modules(remove_duplicate=False)
+               for attr, p in module._parameters.items() if p is not None]
     aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, _, _, p in entries:
         aliases.setdefault(id(p), []).append(name)
     used: set[Selector] = set()
     kept: list[str] = []
     skipped: dict[str, str] = {}
     seen: set[int] = set()
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            names = aliases[id(p)]
-            chosen = [s for s in includes if (
-                isinstance(s, str) and any(fnmatchcase(n, s) for n in names)
-            ) or (isinstance(s, type) and isinstance(module, s) and attr.endswith("weight"))]
-            used.update(chosen)
-            default = attr == "weight" and _default_layer(module)
-            if not (default or chosen):
-                continue
-            seen.add(id(p))
-            hits = [pat for pat in excludes if any(fnmatchcase(n, pat) for n in names)]
-            used.update(hits)
-            if hits:
-                skipped[names[0]] = f"excluded by {hits[0]!r}"
-            elif not p.requires_grad and not chosen:
-                skipped[names[0]] = "frozen (requires_grad=False); name it in include= to prune it"
-            else:
-                kept.append(names[0])
-            for other in names[1:]:
-                skipped[other] = f"tied to {names[0]} (scored and masked once, under that name)"
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen or name in skipped:
+    for _, module, attr, p in entries:
+        if id(p) in seen:
             continue
         names = aliases[id(p)]
-        if name != names[0]:
-            skipped[name] = f"tied to {names[0]}"
+        chosen = [s for s in includes if (
+            isinstance(s, str) and any(fnmatchcase(n, s) for n in names)
+        ) or (isinstance(s, type) and isinstance(module, s) and attr.endswith("weight"))]
+        used.update(chosen)
+        default = attr == "weight" and _default_layer(module)
+        if not (default or chosen):
             continue
-        module_name, _, attr = name.rpartition(".")
-        kind = type(model.get_submodule(module_name)).__name__
+        seen.add(id(p))
+        hits = [pat for pat in excludes if any(fnmatchcase(n, pat) for n in names)]
+        used.update(hits)
+        if hits:
+            skipped[names[0]] = f"excluded by {hits[0]!r}"
+        elif not p.requires_grad and not chosen:
+            skipped[names[0]] = "frozen (requires_grad=False); name it in include= to prune it"
+        else:
+            kept.append(names[0])
+        for other in names[1:]:
+            skipped[other] = f"tied to {names[0]} (scored and masked once, under that name)"
+    for name, module, attr, p in entries:
+        if id(p) in seen or name in skipped:
+            continue
+        first = aliases[id(p)][0]
+        if name != first:
+            skipped[name] = f"tied to {first}"
+            continue
+        kind = type(module).__name__
         skipped[name] = (f"{kind}.{attr}: a bias (include='*bias' adds biases)"
                          if attr.endswith("bias") else
                          f"{kind}.{attr}: not a Linear/Conv weight (include= adds it)")

@@ -21,4 +21,4 @@ def gn(
 ) -> dict[str, Tensor]:
     m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample,
                          squares=False)
-    return {n: g.abs() for n, g in m.mean.items()}
+    return {n: g.abs_() for n, g in m.mean.items()}  # ḡ is this call's own buffer

@@ -6,6 +6,7 @@ omitted. ḡ is the mean of the batch-mean gradients over the scoring batches.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fishprune.autograd import gradient_moments
@@ -21,4 +22,4 @@ def snip(
 ) -> dict[str, Tensor]:
     m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample,
                          squares=False)
-    return {n: (params[n].detach().to(g.dtype) * g).abs() for n, g in m.mean.items()}
+    return {n: torch.mul(params[n].detach().to(g.dtype), g).abs_() for n, g in m.mean.items()}
