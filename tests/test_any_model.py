@@ -403,6 +403,10 @@ def test_missing_double_backward_falls_back_to_finite_differences(criterion: str
     with pytest.raises(RuntimeError, match="hvp='auto' or hvp='fd'"):
         fp.score(model, criterion, [(x, y)], hvp="exact", **opts)
     assert_unchanged(model, before)
+    with pytest.warns(UserWarning, match="finite differences"):
+        masks, info = fp.prune(model, criterion, 0.5, [(x, y)], return_info=True, **opts)
+    assert info.hvp == "fd" and sum(int(m.sum()) for m in masks.values()) == sum(
+        m.numel() for m in masks.values()) // 2
 
 
 @pytest.mark.parametrize("criterion", ["grasp", "hts"])

@@ -35,8 +35,9 @@ def prune(
     mode: str = "eval",
     exclude: Iterable[str] = (),
     on_empty: str = "warn",
+    return_info: bool = False,
     **options: Any,
-) -> dict[str, Tensor]:
+) -> Any:
     """Prune ``model`` in place to ``sparsity`` with ``criterion``; return the masks.
 
     ``rounds`` defaults to the criterion's own (100 for synflow, 1 otherwise). Every round
@@ -48,7 +49,8 @@ def prune(
 
     A tensor left without any kept weight gives a ``LayerCollapseWarning`` naming it
     (``on_empty="error"``: a ``ValueError``). If any round fails, the model's weights are
-    restored as they were before the call: never a partly pruned model.
+    restored as they were before the call: never a partly pruned model. ``return_info=True``
+    returns ``(masks, info)`` with the :class:`fishprune.ScoreInfo` of the last round.
     """
     density = 1.0 - validate_sparsity(sparsity)
     crit = get_criterion(criterion)
@@ -68,9 +70,9 @@ def prune(
     try:
         masks: dict[str, Tensor] | None = None
         for r in range(1, total + 1):
-            scores = score(
-                model, criterion, batches,
-                loss_fn=loss_fn, seed=seed, mode=mode, exclude=exclude, **options,
+            scores, info = score(
+                model, criterion, batches, loss_fn=loss_fn, seed=seed, mode=mode,
+                exclude=exclude, return_info=True, **options,
             )
             if masks is not None:
                 scores = {n: _alive_first(s, masks[n]) for n, s in scores.items()}
@@ -85,7 +87,7 @@ def prune(
                 p.copy_(value)
         raise
     assert masks is not None
-    return masks
+    return (masks, info) if return_info else masks
 
 
 def _alive_first(scores: Tensor, alive: Tensor) -> Tensor:
