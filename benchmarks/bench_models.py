@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: CPU time is not inflated by spinning workers)")
+    parser.add_argument("--hvp", default="auto", choices=["auto", "exact", "fd"],
+                        help="Hessian-vector products of grasp/hd/hp/hts (fp.score's hvp=)")
     parser.add_argument("--quick", action="store_true", help="2 repeats, 2 probes")
     args = parser.parse_args(argv)
     if args.quick:
@@ -199,9 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             seconds(lambda m=model, b=batches: plain_pass(m, b)) for _ in range(3))
         weights = sum(p.numel() for p in fp.prunable_parameters(model).values())
         for criterion in args.criteria.split(","):
-            options = {"probes": args.probes} if criterion in ("hd", "hp", "hts") else {}
-            ratio, t, hvp = measure(model, batches, criterion, args.repeats, options)
-            per_probe = f"{ratio / args.probes:.2f}" if options else ""
+            hutchinson = criterion in ("hd", "hp", "hts")
+            options: dict[str, Any] = {"probes": args.probes} if hutchinson else {}
+            ratio, t, hvp = measure(model, batches, criterion, args.repeats,
+                                    {**options, "hvp": args.hvp})
+            per_probe = f"{ratio / args.probes:.2f}" if hutchinson else ""
             print(f"| {name} | {weights:,} | {plain:.3f} | {criterion} | {t:.3f} | {ratio:.2f} | "
                   f"{per_probe} | {hvp or ''} |", flush=True)
         print(f"{name} done", file=sys.stderr)
