@@ -62,7 +62,7 @@ def hf_bert() -> nn.Module:
 
 def hf_gpt2() -> nn.Module:
     cfg = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=1, n_head=2, n_positions=8,
-                                  num_labels=3, pad_token_id=0)
+                                  num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     return transformers.GPT2ForSequenceClassification(cfg)
 
 
@@ -223,6 +223,9 @@ def test_gpt2_conv1d_layers_are_prunable_and_the_embeddings_are_not() -> None:
     assert not any("wte" in n or "wpe" in n for n in names)
     report = fp.prunable_report(build("hf-gpt2"))
     assert "Embedding.weight" in report.skipped["transformer.wte.weight"]
+    # per-sample scoring reads the Conv1D layers with hooks (exactness: the zoo oracle above)
+    _, info = fp.score(build("hf-gpt2"), "fd", tokens(0), per_sample=True, return_info=True)
+    assert info.per_sample_fallback == []
 
 
 def test_hf_loss_from_labels_matches_the_default_loss() -> None:
