@@ -487,3 +487,13 @@ def test_hutchinson_by_finite_differences_uses_the_same_probes() -> None:
         fd = fp.score(model, "hts", [(x, y)], hvp="fd", probes=3)
     exact = fp.score(model, "hts", [(x, y)], hvp="exact", probes=3)
     assert_close(fd, exact, rtol=1e-6)
+
+
+def test_per_sample_on_batches_of_one_sample_is_the_batch_gradient() -> None:
+    """N = 1: the hooks are skipped (a layout probe cannot tell) and g² is exact."""
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    x, y = xy(3)
+    singles = [(x[i : i + 1], y[i : i + 1]) for i in range(3)]
+    per_sample = fp.score(model, "fd", singles, per_sample=True)
+    assert_close(per_sample, fp.score(model, "fd", singles))
