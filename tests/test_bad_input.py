@@ -413,6 +413,12 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize("criterion", ["snip", "fts", "gn", "grasp", "fbss", "hts", "synflow"])
 def test_library_nan_scores_are_refused(criterion: str) -> None:
     model = NaNNet(6, 3)
+    if criterion != "synflow":  # a NaN loss is refused before it becomes scores
+        with pytest.raises(ValueError, match="the loss is NaN on batch 0"):
+            fp.score(model, criterion, batches())
+        with pytest.raises(ValueError, match="the loss is NaN on batch 0"):
+            fp.prune(model, criterion, 0.5, batches(), rounds=1)
+        return
     scores = fp.score(model, criterion, batches())
     with pytest.raises(ValueError, match="NaN"):
         fp.select(scores, 0.5)

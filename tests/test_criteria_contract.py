@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _model_state import assert_unchanged, snapshot
 from torch import nn
 
 import fishprune as fp
@@ -77,36 +78,6 @@ def make_batches(count: int = 2, size: int = 4) -> list[tuple[torch.Tensor, torc
 def fast(criterion: str) -> dict:
     """Two Hutchinson probes instead of ten, for every criterion that has the option."""
     return {"probes": 2} if "probes" in REGISTRY[criterion].option_specs() else {}
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "params": [
-            (n, p, p.detach().clone(), p.requires_grad, p.grad,
-             None if p.grad is None else p.grad.clone())
-            for n, p in model.named_parameters()
-        ],
-        "buffers": [(n, b, b.clone()) for n, b in model.named_buffers()],
-        "modes": [(n, m.training) for n, m in model.named_modules()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for (n, p, value, flag, grad, grad_value), (_, p2, value2, flag2, grad2, _) in zip(
-        before["params"], after["params"], strict=True
-    ):
-        assert p2 is p, f"{n}: parameter object replaced"
-        assert torch.equal(value, value2), f"{n}: value changed"
-        assert flag2 == flag, f"{n}: requires_grad {flag} -> {flag2}"
-        assert grad2 is grad, f"{n}: .grad object changed"
-        if grad is not None:
-            assert torch.equal(grad2, grad_value), f"{n}: .grad values changed"
-    for (n, b, value), (_, b2, _) in zip(before["buffers"], after["buffers"], strict=True):
-        assert b2 is b and torch.equal(b, value), f"buffer {n} changed"
-    assert after["modes"] == before["modes"]
-    for n, m in model.named_modules():
-        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), f"hook on {n}"
 
 
 def dress(model: nn.Module, start: str) -> None:
@@ -269,8 +240,13 @@ def test_exclude_and_frozen_weights() -> None:
     model = build("resnet")
     model.fc.weight.requires_grad_(False)
     scores = fp.score(model, "fts", make_batches(), exclude=("stem.*",))
-    assert list(scores) == ["conv1.weight", "conv2.weight", "fc.weight"]
-    assert scores["fc.weight"].abs().sum() > 0  # a frozen weight is still scored
+    assert list(scores) == ["conv1.weight", "conv2.weight"]  # frozen: not prunable by default
+    report = fp.prunable_report(model, exclude=("stem.*",))
+    assert report.skipped["fc.weight"].startswith("frozen")
+    assert report.skipped["stem.0.weight"] == "excluded by 'stem.*'"
+    scores = fp.score(model, "fts", make_batches(), include=("fc.weight",))
+    assert list(scores) == ["stem.0.weight", "conv1.weight", "conv2.weight", "fc.weight"]
+    assert scores["fc.weight"].abs().sum() > 0  # named in include: scored
     assert not model.fc.weight.requires_grad
 
 

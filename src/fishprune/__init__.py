@@ -5,16 +5,20 @@
 """
 
 from fishprune._version import __version__
-from fishprune.criteria import criteria
+from fishprune.autograd import ScoreInfo
+from fishprune.criteria import criteria, register, register_criterion
 from fishprune.exporting import export, load_pruned
 from fishprune.masking import Masker, apply_masks
-from fishprune.params import prunable_parameters
+from fishprune.params import PrunableReport, prunable_parameters, prunable_report
 from fishprune.schedule import prune
-from fishprune.scoring import score
+from fishprune.scoring import LayerCollapseWarning, score
 from fishprune.selection import density_of, layer_densities, select
 
 __all__ = [
+    "LayerCollapseWarning",
     "Masker",
+    "PrunableReport",
+    "ScoreInfo",
     "__version__",
     "apply_masks",
     "criteria",
@@ -23,7 +27,10 @@ __all__ = [
     "layer_densities",
     "load_pruned",
     "prunable_parameters",
+    "prunable_report",
     "prune",
+    "register",
+    "register_criterion",
     "score",
     "select",
 ]

@@ -142,7 +142,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
         say(f"scored with {p.criterion} in {seconds:.2f}s")
         if p.scope == "layer":
             return _analyze_masks(cfg, model, input_shape, sparsities, resolution, seconds, notes,
-                                  lambda s: fp.select(scores, s, scope="layer"))
+                                  lambda s: fp.select(scores, s, scope="layer", on_empty="ignore"))
         return _analyze_one_shot(cfg, model, input_shape, scores, sparsities, seconds, notes)
     notes.append(f"{p.criterion} prunes in {rounds} rounds: every probe re-prunes the model; the "
                  "bisection assumes collapse is monotone in the sparsity")
@@ -151,7 +151,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     def prune_at(s: float) -> dict[str, Tensor]:
         probe = copy.deepcopy(model)
         return fp.prune(probe, p.criterion, s, batches, rounds=rounds, scope=p.scope,
-                        on_round=lambda _r, _n: bar.update(1), **common)
+                        on_round=lambda _r, _n: bar.update(1), on_empty="ignore", **common)
 
     # The bisection decides how many probes (of ``rounds`` rounds each) it needs: no total.
     with timed() as elapsed, Progress(f"pruning probes ({p.criterion}, {rounds} rounds each)",

@@ -101,7 +101,8 @@ def imp_masks(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches
         scores = fp.score(trained, "magnitude", None, exclude=p.exclude)
         scores = {n: torch.where(alive[n], s, torch.full_like(s, -math.inf))
                   for n, s in scores.items()}
-        masks = {n: m.cpu() for n, m in fp.select(scores, 1 - density, scope=p.scope).items()}
+        chosen = fp.select(scores, 1 - density, scope=p.scope, on_empty="ignore")
+        masks = {n: m.cpu() for n, m in chosen.items()}
         tf.save_masks(path, masks, metadata={"round": str(r), "density": repr(density),
                                              "pruned_from_val_acc": repr(val)})
         say(f"IMP round {r}/{len(schedule)}: trained at density {_prev(schedule, r):.4g} "

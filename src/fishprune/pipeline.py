@@ -330,6 +330,7 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
             raise ValueError(f"{rd.masks} masks {list(masks)}, the model's prunable weights are "
                              f"{list(params)}")
         return masks, rd.read_json(MASKS_INFO)["score_seconds"]
+    scoring: dict[str, Any] | None = None
     if p.sparsity == 0:
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in params.items()}
         seconds = 0.0
@@ -351,12 +352,17 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
         data = Counted(batches, bar) if rounds == 1 else batches
         with timed() as elapsed, bar:
             if p.sanity == "invert":  # keep the lowest-scored weights (one shot)
-                scores = invert_scores(fp.score(model, p.criterion, data, **common))
-                masks = fp.select(scores, p.sparsity, scope=p.scope)
+                scores, info = fp.score(model, p.criterion, data, return_info=True, **common)
+                masks = fp.select(invert_scores(scores), p.sparsity, scope=p.scope,
+                                  on_empty="ignore")  # the run reports collapse itself
             else:
-                masks = fp.prune(model, p.criterion, p.sparsity, data, rounds=p.rounds,
-                                 scope=p.scope, on_round=lambda _r, _n: bar.update(1), **common)
+                masks, info = fp.prune(model, p.criterion, p.sparsity, data, rounds=p.rounds,
+                                       on_empty="ignore", return_info=True, scope=p.scope,
+                                       on_round=lambda _r, _n: bar.update(1), **common)
         seconds = elapsed()
+        scoring = asdict(info)
+        if info.hvp not in (None, "exact"):
+            say(f"NOTE: Hessian-vector products by {info.hvp} ({info.hvp_reason})")
         with torch.no_grad():  # undo prune's zeroing: sanity checks may move the mask
             for n, w in params.items():
                 w.copy_(saved[n])
@@ -367,7 +373,9 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
         masks = shuffle_masks(masks, seed=cfg.seed)
     rd.path.mkdir(parents=True, exist_ok=True)
     # The masks last: their existence is what marks this stage done (see above).
-    rd.write_json(MASKS_INFO, {"score_seconds": seconds})
+    # How the scores were computed (the Hessian-vector product method, per-sample fallbacks):
+    # a fallback never changes a result silently.
+    rd.write_json(MASKS_INFO, {"score_seconds": seconds, "scoring": scoring})
     tf.save_masks(rd.masks, masks)
     rd.record(MASKS)
     return masks, seconds

@@ -8,6 +8,7 @@ scoring round and can never come back: they rank below every weight still alive.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from fishprune.autograd import LossFn
 from fishprune.criteria import get_criterion
 from fishprune.masking import apply_masks
-from fishprune.scoring import score, validate_sparsity
+from fishprune.scoring import ON_EMPTY, check_empty_layers, score, validate_sparsity
 from fishprune.selection import SCOPES, select_density
 
 
@@ -34,15 +35,23 @@ def prune(
     mode: str = "eval",
     exclude: Iterable[str] = (),
     on_round: Callable[[int, int], None] | None = None,
+    on_empty: str = "warn",
+    return_info: bool = False,
     **options: Any,
-) -> dict[str, Tensor]:
+) -> Any:
     """Prune ``model`` in place to ``sparsity`` with ``criterion``; return the masks.
 
     ``rounds`` defaults to the criterion's own (100 for synflow, 1 otherwise). Every round
     scores the partly pruned model with :func:`fishprune.score` (same ``seed``, ``loss_fn``,
     ``mode``, ``exclude`` and criterion ``options``) and keeps the top d^(r/R) fraction of the
     weights still alive (``scope`` "global" or "layer"). The returned masks keep exactly
-    ``round((1 − sparsity) · N)`` weights (per tensor for ``scope="layer"``).
+    ``round((1 − sparsity) · N)`` weights (per tensor for ``scope="layer"``). Every other
+    keyword (``include``, ``output_fn``, ``hvp``) goes to :func:`fishprune.score`.
+
+    A tensor left without any kept weight gives a ``LayerCollapseWarning`` naming it
+    (``on_empty="error"``: a ``ValueError``). If any round fails, the model's weights are
+    restored as they were before the call: never a partly pruned model. ``return_info=True``
+    returns ``(masks, info)`` with the :class:`fishprune.ScoreInfo` of the last round.
     ``on_round(r, rounds)`` is called after round ``r`` (progress displays).
     """
     density = 1.0 - validate_sparsity(sparsity)
@@ -53,23 +62,36 @@ def prune(
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # read every round
-    if total > 1 and crit.needs_data and batches is not None and not isinstance(batches, Sequence):
-        batches = list(batches)  # every round must see the same batches
-    masks: dict[str, Tensor] | None = None
-    for r in range(1, total + 1):
-        scores = score(
-            model, criterion, batches,
-            loss_fn=loss_fn, seed=seed, mode=mode, exclude=exclude, **options,
-        )
-        if masks is not None:
-            scores = {n: _alive_first(s, masks[n]) for n, s in scores.items()}
-        round_density = density if r == total else density ** (r / total)
-        masks = select_density(scores, round_density, scope=scope)
-        apply_masks(model, masks)
-        if on_round is not None:
-            on_round(r, total)
+    if on_empty not in ON_EMPTY:
+        raise ValueError(f"on_empty must be one of {', '.join(ON_EMPTY)}, got {on_empty!r}")
+    if total > 1 and batches is not None and not isinstance(batches, Sequence):
+        # Every round must see the same batches: read a one-shot iterable once, up front (only
+        # its first batch for criteria that need just the input shape).
+        batches = list(batches if crit.needs_data else itertools.islice(batches, 1))
+    saved = [(p, p.detach().clone()) for p in model.parameters()]
+    try:
+        masks: dict[str, Tensor] | None = None
+        for r in range(1, total + 1):
+            scores, info = score(
+                model, criterion, batches, loss_fn=loss_fn, seed=seed, mode=mode,
+                exclude=exclude, return_info=True, **options,
+            )
+            if masks is not None:
+                scores = {n: _alive_first(s, masks[n]) for n, s in scores.items()}
+            round_density = density if r == total else density ** (r / total)
+            masks = select_density(scores, round_density, scope=scope)
+            if r == total:
+                check_empty_layers(masks, on_empty)
+            apply_masks(model, masks)
+            if on_round is not None:
+                on_round(r, total)
+    except BaseException:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+        raise
     assert masks is not None
-    return masks
+    return (masks, info) if return_info else masks
 
 
 def _alive_first(scores: Tensor, alive: Tensor) -> Tensor:

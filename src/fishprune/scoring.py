@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -11,13 +12,41 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fishprune.autograd import LossFn
+from fishprune.autograd import (
+    HVP_METHODS,
+    Loss,
+    LossFn,
+    OutputFn,
+    ScoreInfo,
+    hvp_setting,
+    logits_of,
+)
 from fishprune.batches import Batches
 from fishprune.criteria import Context, get_criterion
 from fishprune.modes import restored_modes
-from fishprune.params import prunable_parameters, require_prunable
+from fishprune.params import Selector, prunable_parameters, require_prunable
 
 MODES = ("eval", "train")
+ON_EMPTY = ("warn", "error", "ignore")
+
+
+class LayerCollapseWarning(UserWarning):
+    """A mask keeps no weight of some layer (layer collapse, Tanaka et al. 2020)."""
+
+
+def check_empty_layers(masks: dict[str, Tensor], on_empty: str, *, stacklevel: int = 3) -> None:
+    """Warn (``"warn"``), raise a ``ValueError`` (``"error"``) or do nothing (``"ignore"``) when
+    a mask keeps no weight of a tensor: an empty layer disconnects the network."""
+    if on_empty not in ON_EMPTY:
+        raise ValueError(f"on_empty must be one of {', '.join(ON_EMPTY)}, got {on_empty!r}")
+    empty = [n for n, m in masks.items() if m.numel() and not bool(m.any())]
+    if not empty or on_empty == "ignore":
+        return
+    message = (f"layer collapse: the mask keeps no weight of {len(empty)} tensor(s): "
+               f"{', '.join(empty)} (lower the sparsity, use scope='layer', or a warm-up)")
+    if on_empty == "error":
+        raise ValueError(message)
+    warnings.warn(message, LayerCollapseWarning, stacklevel=stacklevel)
 
 
 def score(
@@ -29,29 +58,49 @@ def score(
     seed: int = 0,
     mode: str = "eval",
     exclude: Iterable[str] = (),
+    include: Iterable[Selector] = (),
+    output_fn: OutputFn | None = None,
+    hvp: str = "auto",
+    return_info: bool = False,
     **options: Any,
-) -> dict[str, Tensor]:
+) -> Any:
     """Score every prunable weight of ``model`` with ``criterion``; higher = keep.
 
     Args:
         model: any ``nn.Module``; its prunable weights are :func:`fishprune.prunable_parameters`.
         criterion: a name from :func:`fishprune.criteria`.
-        batches: an iterable of ``(inputs, targets)`` pairs (a DataLoader, a list). The batches
+        batches: an iterable of batches (a DataLoader, a list): ``(inputs, targets)`` pairs,
+            ``(dict_of_inputs, targets)`` pairs (the model is called as ``model(**inputs)``), or
+            dicts whose ``labels`` are the targets and whose other entries are the model's
+            keyword inputs (Hugging Face style). Samples on dim 0. The batches
             are the estimator: ḡ is the mean of the batch-mean gradients and F̂ the mean of
             their squares. Data-free criteria (random, magnitude, synflow with ``input_shape``)
             accept ``None``.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss; cross-entropy by
+        loss_fn: ``loss_fn(logits, targets)`` returning the batch-mean loss; cross-entropy by
             default.
+        output_fn: ``output_fn(outputs) -> logits`` for models whose outputs are neither a
+            tensor, a tuple (the first element is taken) nor a dict / ``ModelOutput`` with
+            ``logits``.
         seed: seeds the random criterion and the Hutchinson probes (CPU generators), and the
             global RNG for stochastic layers (dropout with ``mode="train"``); the caller's RNG
             state is restored afterwards.
         mode: ``"eval"`` (default, as the reference code) or ``"train"`` (batch statistics in
             BatchNorm; running statistics are restored afterwards).
         exclude: glob patterns of parameter names never scored nor pruned.
+        include: more weights to score beyond the default (glob patterns of parameter names or
+            module types, e.g. ``nn.Embedding``, ``"*.bias"``); see
+            :func:`fishprune.prunable_parameters`.
+        hvp: how GraSP and the Hutchinson criteria compute Hessian-vector products: ``"auto"``
+            (exact double backpropagation; where an operator lacks a second derivative, exact
+            under the math SDPA kernel, else central finite differences, with a warning),
+            ``"exact"`` (an error instead of a fallback) or ``"fd"``.
+        return_info: also return a :class:`fishprune.ScoreInfo` saying how the scores were
+            computed (the HVP method, per-sample fallbacks).
         **options: the criterion's own options (see ``fishprune criteria``), e.g. ``probes``.
 
     Returns:
-        ``{name: scores}`` with the names and shapes of the prunable weights, detached, float32
+        ``{name: scores}`` (``(scores, info)`` with ``return_info=True``) with the names and
+        shapes of the prunable weights, detached, float32
         (float64 for synflow, and for float64 weights except with random), on the weights' device.
 
     The model is left as found: parameters, buffers, ``.grad``, ``requires_grad`` and the
@@ -63,7 +112,11 @@ def score(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    params = require_prunable(model, exclude)
+    if hvp not in HVP_METHODS:
+        raise ValueError(f"hvp must be one of {', '.join(HVP_METHODS)}, got {hvp!r}")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    include = (include,) if isinstance(include, (str, type)) else tuple(include)
+    params = require_prunable(model, exclude, include)
     device = next(iter(params.values())).device
     if batches is None and crit.needs_data:
         raise ValueError(f"criterion '{crit.name}' needs (inputs, targets) batches, got None")
@@ -73,12 +126,14 @@ def score(
             "(BatchNorm in train mode mixes the samples of a batch)"
         )
     data = None if batches is None else Batches(batches, device, replay=crit.passes > 1)
-    ctx = Context(loss_fn=loss_fn or F.cross_entropy, seed=seed,
-                  prunable=prunable_parameters(model))
-    with preserved(model, params), seeded_rng(seed, device):
+    loss = Loss(loss_fn or F.cross_entropy, output_fn or logits_of)
+    ctx = Context(loss_fn=loss, seed=seed, prunable=prunable_parameters(model, include=include))
+    info = ScoreInfo(criterion=crit.name)
+    with preserved(model, params), seeded_rng(seed, device), hvp_setting(hvp, info):
         model.train(mode == "train")
         raw = crit.fn(model, params, data, ctx, opts)
-    return _checked(raw, params, crit.name)
+    scores = _checked(raw, params, crit.name)
+    return (scores, info) if return_info else scores
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

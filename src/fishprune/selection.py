@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from fishprune.scoring import validate_sparsity
+from fishprune.scoring import check_empty_layers, validate_sparsity
 
 SCOPES = ("global", "layer")
 
@@ -22,7 +22,7 @@ def kept_count(density: float, total: int) -> int:
 
 
 def select(
-    scores: dict[str, Tensor], sparsity: float, *, scope: str = "global"
+    scores: dict[str, Tensor], sparsity: float, *, scope: str = "global", on_empty: str = "warn"
 ) -> dict[str, Tensor]:
     """Keep the top ``round((1 − sparsity) · N)`` scores; return ``{name: BoolTensor}`` masks.
 
@@ -32,8 +32,12 @@ def select(
     within a tensor, at a lower flat index are kept first. ``-inf`` is a valid score (never kept
     before a finite one); NaN is rejected with a ``ValueError`` naming the tensor, because a NaN
     score means the criterion failed, and any silent ranking of it would hide that.
+    A tensor left without any kept weight gives a ``LayerCollapseWarning`` naming it
+    (``on_empty="error"``: a ``ValueError``; ``"ignore"``: nothing).
     """
-    return select_density(scores, 1.0 - validate_sparsity(sparsity), scope=scope)
+    masks = select_density(scores, 1.0 - validate_sparsity(sparsity), scope=scope)
+    check_empty_layers(masks, on_empty)
+    return masks
 
 
 def select_density(scores: dict[str, Tensor], density: float, *, scope: str = "global") -> dict[

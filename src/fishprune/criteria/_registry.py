@@ -178,6 +178,38 @@ def register(
     return decorator
 
 
+def register_criterion(
+    name: str,
+    fn: ScoreFn,
+    *,
+    options: type = NoOptions,
+    data: str = "batches",
+    seeded: bool = False,
+    dtype: torch.dtype | None = None,
+    passes: int = 1,
+    default_rounds: int = 1,
+) -> Criterion:
+    """Register the score function ``fn(model, params, batches, ctx, options) -> {name: scores}``
+    under ``name`` (the function form of :func:`register`; see it for the arguments).
+
+    ``fn`` receives the scored weights ``params``, the batches as ``(inputs, targets)`` pairs
+    (inputs may be a dict: compute losses with :func:`fishprune.autograd.batch_loss`, which
+    calls the model and applies ``ctx.loss_fn`` with its output function), a :class:`Context`,
+    and an instance of ``options`` (a frozen dataclass; its fields become ``fishprune run``
+    flags). ``passes``: how many times ``fn`` iterates the batches (> 1: one-shot iterables are
+    cached for replay).
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"criterion name must be an identifier, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"criterion '{name}': fn must be callable, got {fn!r}")
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"criterion '{name}': options must be a dataclass type, got {options!r}")
+    register(name, options=options, data=data, seeded=seeded, dtype=dtype, passes=passes,
+             default_rounds=default_rounds)(fn)
+    return REGISTRY[name]
+
+
 def get_criterion(name: str) -> Criterion:
     """The registered criterion ``name``, or a ``ValueError`` listing the valid names."""
     if not isinstance(name, str) or name not in REGISTRY:

@@ -19,5 +19,6 @@ def gn(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: MomentOptions,
 ) -> dict[str, Tensor]:
-    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample)
-    return {n: g.abs() for n, g in m.mean.items()}
+    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample,
+                         squares=False)
+    return {n: g.abs_() for n, g in m.mean.items()}  # ḡ is this call's own buffer

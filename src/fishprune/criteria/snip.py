@@ -6,6 +6,7 @@ omitted. ḡ is the mean of the batch-mean gradients over the scoring batches.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fishprune.autograd import gradient_moments
@@ -19,5 +20,6 @@ def snip(
     model: nn.Module, params: dict[str, nn.Parameter], batches: Batches, ctx: Context,
     opts: MomentOptions,
 ) -> dict[str, Tensor]:
-    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample)
-    return {n: (params[n].detach().to(g.dtype) * g).abs() for n, g in m.mean.items()}
+    m = gradient_moments(model, params, batches, ctx.loss_fn, per_sample=opts.per_sample,
+                         squares=False)
+    return {n: torch.mul(params[n].detach().to(g.dtype), g).abs_() for n, g in m.mean.items()}

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fishprune.autograd import gradients
+from fishprune.autograd import Loss, gradients, logits_of
 from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, register
 
@@ -37,7 +37,19 @@ def synflow(
     if opts.input_shape:
         shape = tuple(opts.input_shape)
     elif batches is not None:
-        shape = tuple(batches.first()[0].shape[1:])
+        inputs = batches.first()[0]
+        if not isinstance(inputs, Tensor):
+            raise ValueError(
+                "synflow is defined for tensor inputs (it runs the network on an all-ones "
+                "input); these batches hold keyword inputs: pass input_shape=(...) for a model "
+                "called as model(tensor), or use another criterion"
+            )
+        if not inputs.is_floating_point():
+            raise ValueError(
+                f"synflow is defined for real-valued inputs (it runs the network on an all-ones "
+                f"input); these inputs are {inputs.dtype} (token ids?): use another criterion"
+            )
+        shape = tuple(inputs.shape[1:])
     else:
         raise ValueError("synflow needs the input shape: pass batches or input_shape=(C, H, W)")
     device = next(iter(params.values())).device
@@ -48,6 +60,7 @@ def synflow(
     }
     weights = {n: state[n].requires_grad_(True) for n in params}
     ones = torch.ones((1, *shape), dtype=torch.float64, device=device)
-    r = functional_call(model, state, (ones,)).sum()
+    output_fn = ctx.loss_fn.output_fn if isinstance(ctx.loss_fn, Loss) else logits_of
+    r = output_fn(functional_call(model, state, (ones,))).sum()
     grads = gradients(r, list(weights.values()))
     return {n: (w.detach() * g).abs() for (n, w), g in zip(weights.items(), grads)}
