@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fishprune import distributed
 from fishprune.batches import Batch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -65,12 +66,13 @@ def gradient_moments(
     sums = [_zeros(p) for p in tensors]
     squares = [_zeros(p) for p in tensors]
     count = 0
-    for batch in batches:
+    for _, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         grads = gradients(batch_loss(model, batch, loss_fn), tensors)
         grads = [g.to(s.dtype) for g, s in zip(grads, sums)]
         torch._foreach_add_(sums, grads)
         torch._foreach_addcmul_(squares, grads, grads)
         count += 1
+    count = distributed.reduce_sums(sums + squares, count)  # distributed: sums over ranks
     torch._foreach_div_(sums, count)
     torch._foreach_div_(squares, count)
     return Moments(dict(zip(names, sums)), dict(zip(names, squares)), count)
@@ -88,10 +90,11 @@ def mean_gradient(
     names, tensors = list(params), list(params.values())
     sums = [_zeros(p) for p in tensors]
     count = 0
-    for batch in batches:
+    for _, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         grads = gradients(batch_loss(model, batch, loss_fn, temperature), tensors)
         torch._foreach_add_(sums, [g.to(s.dtype) for g, s in zip(grads, sums)])
         count += 1
+    count = distributed.reduce_sums(sums, count)  # distributed: sums over ranks
     torch._foreach_div_(sums, count)
     return dict(zip(names, sums))
 
@@ -110,13 +113,14 @@ def hessian_vector_mean(
     v = [vector[n].to(p.dtype) for n, p in zip(names, tensors)]
     sums = [_zeros(p) for p in tensors]
     count = 0
-    for batch in batches:
+    for _, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         grads = gradients(
             batch_loss(model, batch, loss_fn, temperature), tensors, create_graph=True
         )
         hv = gradients(grads, tensors, grad_outputs=v)
         torch._foreach_add_(sums, [h.to(s.dtype) for h, s in zip(hv, sums)])
         count += 1
+    count = distributed.reduce_sums(sums, count)  # distributed: sums over ranks
     torch._foreach_div_(sums, count)
     return dict(zip(names, sums))
 
@@ -141,7 +145,10 @@ def hutchinson_diagonal(
     g_sum = [_zeros(p) for p in tensors]
     h_sum = [_zeros(p) for p in tensors]
     count = 0
-    for batch in batches:
+    drawn = 0  # batches whose probes the generator has drawn
+    for index, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
+        _skip_probes(tensors, generator, (index - drawn) * probes)  # the other ranks' batches
+        drawn = index + 1
         grads = gradients(
             batch_loss(model, batch, loss_fn, temperature), tensors, create_graph=True
         )
@@ -154,6 +161,7 @@ def hutchinson_diagonal(
                 [h.to(s.dtype) for h, s in zip(hz, h_sum)],
             )
         count += 1
+    count = distributed.reduce_sums(g_sum + h_sum, count)  # distributed: sums over ranks
     torch._foreach_div_(g_sum, count)
     torch._foreach_div_(h_sum, count * probes)
     return dict(zip(names, g_sum)), dict(zip(names, h_sum))
@@ -162,6 +170,14 @@ def hutchinson_diagonal(
 def _rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
     signs = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
     return (signs.to(like.dtype) * 2 - 1).to(like.device)
+
+
+def _skip_probes(tensors: list[Tensor], generator: torch.Generator, probes: int) -> None:
+    """Advance ``generator`` past ``probes`` probes exactly as :func:`_rademacher` draws them
+    (distributed: a rank skips the batches of the others, so every batch keeps its probes)."""
+    for _ in range(probes):
+        for p in tensors:
+            torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8)
 
 
 # --- per-sample empirical Fisher -----------------------------------------------------------------
@@ -185,7 +201,7 @@ def _per_sample_moments(
     sums = {n: _zeros(p) for n, p in params.items()}
     squares = {n: _zeros(p) for n, p in params.items()}
     count = 0
-    for inputs, targets in batches:
+    for _, (inputs, targets) in distributed.owned(batches):  # distributed: b on rank b mod W
         n_batch = inputs.shape[0]
         with _Capture(hooked) as capture:
             loss = batch_loss(model, (inputs, targets), loss_fn) * n_batch  # Σ_n ℓ_n
@@ -203,6 +219,7 @@ def _per_sample_moments(
             for name, sq in fb.items():
                 squares[name].add_(sq)
         count += n_batch
+    count = distributed.reduce_sums([*sums.values(), *squares.values()], count)  # distributed
     for name in names:
         sums[name].div_(count)
         squares[name].div_(count)

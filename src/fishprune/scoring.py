@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fishprune import distributed
 from fishprune.autograd import LossFn
 from fishprune.batches import Batches
 from fishprune.criteria import Context, get_criterion
@@ -29,6 +30,7 @@ def score(
     seed: int = 0,
     mode: str = "eval",
     exclude: Iterable[str] = (),
+    process_group: Any = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Score every prunable weight of ``model`` with ``criterion``; higher = keep.
@@ -48,6 +50,12 @@ def score(
         mode: ``"eval"`` (default, as the reference code) or ``"train"`` (batch statistics in
             BatchNorm; running statistics are restored afterwards).
         exclude: glob patterns of parameter names never scored nor pruned.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks): batch b is computed by rank b mod W and the moments are summed
+            across the group in rank order, so every rank returns bit-identical scores, equal to
+            one process's up to float summation order (:mod:`fishprune.distributed`). Every
+            rank must pass the same batches and the same (unwrapped, not DDP) model. None: the
+            enclosing :func:`fishprune.distributed.reduced_scoring`, if any, else one process.
         **options: the criterion's own options (see ``fishprune criteria``), e.g. ``probes``.
 
     Returns:
@@ -75,7 +83,9 @@ def score(
     data = None if batches is None else Batches(batches, device, replay=crit.passes > 1)
     ctx = Context(loss_fn=loss_fn or F.cross_entropy, seed=seed,
                   prunable=prunable_parameters(model))
-    with preserved(model, params), seeded_rng(seed, device):
+    group = contextlib.nullcontext() if process_group is None else (  # distributed hook
+        distributed.reduced_scoring(process_group))
+    with group, preserved(model, params), seeded_rng(seed, device):
         model.train(mode == "train")
         raw = crit.fn(model, params, data, ctx, opts)
     return _checked(raw, params, crit.name)
