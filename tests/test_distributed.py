@@ -18,6 +18,7 @@ from torch import nn
 
 import fishprune as fp
 from fishprune import distributed as fpd
+from fishprune.train import train_epoch
 
 OPTIONS = {"hd": {"probes": 2}, "hp": {"probes": 2}, "hts": {"probes": 2}}
 CASES = [(c, {}) for c in fp.criteria()] + [
@@ -63,6 +64,15 @@ def score_all(group: object | None, mode: str = "eval") -> dict[str, dict[str, t
     return out
 
 
+def one_epoch(group: object | None) -> dict:
+    """One SGD epoch of the BatchNorm CNN over the scoring batches (DDP with W ranks)."""
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with fpd.data_parallel(group), fpd.wrapped(model) as net:
+        loss, acc = train_epoch(net, scoring_data(), optimizer, None, device=torch.device("cpu"))
+    return {"loss": loss, "acc": acc, "state": model.state_dict()}
+
+
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -80,6 +90,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for key, r in result["eval"].items():
             fpd.check_identical(f"{key} mask", r["masks"])
         traffic = fpd.traffic.bytes
+        result["train_epoch"] = one_epoch(dist.group.WORLD)
         if world == 2:
             result["train"] = score_all(dist.group.WORLD, mode="train")
         model, data = tiny_cnn(), scoring_data()
@@ -128,6 +139,13 @@ def test_scores_and_masks_match_one_process(tmp_path: Path, world: int) -> None:
             for name in ref["masks"]:
                 got = ranks[1]["result"]["train"][key]["masks"][name]
                 assert torch.equal(got, ref["masks"][name]), (key, name)
+    # DDP with synchronized BatchNorm (uneven last batch over the ranks): one process's epoch
+    ref = one_epoch(None)
+    for got in ranks:
+        epoch = got["result"]["train_epoch"]
+        assert epoch["acc"] == ref["acc"] and epoch["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        for name, value in ref["state"].items():
+            torch.testing.assert_close(epoch["state"][name], value, rtol=1e-5, atol=1e-6)
     # a rank whose weights differ is detected and named, on every rank
     for got in ranks:
         assert f"differs between ranks: rank(s) {world - 1} disagree with rank 0" in (

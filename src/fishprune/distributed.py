@@ -100,6 +100,16 @@ def current_world(group: Any = None) -> World:
                  int(os.environ.get("LOCAL_RANK", "0")), str(dist.get_backend(group)))
 
 
+def per_rank_batch_size(batch_size: int, world_size: int) -> int:
+    """``batch_size / world_size``: the global batch is the configured one whatever W; a batch
+    size that W does not divide is refused (a one-line ``ValueError``)."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the world size "
+                         f"{world_size}: each rank trains on batch_size / world_size samples, "
+                         "so that the global batch (and the result) is the same for every W")
+    return batch_size // world_size
+
+
 def shutdown() -> None:
     """Leave the process group (after a barrier so no rank exits while others still talk)."""
     if dist.is_available() and dist.is_initialized():
@@ -256,7 +266,8 @@ def reduce_metrics(*values: Tensor) -> tuple[Tensor, ...]:
     if active is None:
         return values
     group, _, size = active
-    flat = torch.stack([v.detach().to(torch.float64) for v in values])
+    device = values[0].device
+    flat = torch.stack([v.detach().to(device, torch.float64) for v in values])
     gathered = [torch.empty_like(flat) for _ in range(size)]
     dist.all_gather(gathered, flat, group=group)
     total = gathered[0]

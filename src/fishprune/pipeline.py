@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fishprune as fp
-from fishprune import atomic, cachekeys
+from fishprune import atomic, cachekeys, distributed
 from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import RunConfig
@@ -60,25 +60,50 @@ def resolve_device(name: str) -> torch.device:
 
 def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         ) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict."""
+    """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict.
+
+    Under ``torchrun`` every rank calls this; the ranks split the work
+    (:mod:`fishprune.distributed`) and only rank 0 writes or prints.
+    """
     say = echo or (lambda _msg: None)
     cfg.validate()
+    world = distributed.init_from_env(resolve_device(cfg.device).type)  # distributed
+    with distributed.data_parallel(dist_group(world)):
+        return _run(cfg, world, show_progress=show_progress and world.is_main,
+                    say=say if world.is_main else (lambda _msg: None))
+
+
+def dist_group(world: distributed.World) -> Any:
+    """The data-parallel process group (all ranks), or None in one process."""
+    return None if world.size == 1 else torch.distributed.group.WORLD
+
+
+def _run(cfg: RunConfig, world: distributed.World, *, show_progress: bool, say: Say
+         ) -> dict[str, Any]:
+    distributed.check_identical("run configuration", cfg.run_id())  # distributed
+    distributed.per_rank_batch_size(cfg.data.batch_size, world.size)
+    main = world.is_main
     rd = RunDir.of(cfg)
-    if rd.is_finished():
+    if distributed.agree(rd.is_finished()):
         say(f"already finished: {rd.result}")
         return json.loads(rd.result.read_text())
-    rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
+    if main:
+        rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
     prep = prepare(cfg, say)
     ds, model, device = prep.ds, prep.model, prep.device
+    check_ranks_agree(prep)  # distributed: same data, split and (warmed-up) weights everywhere
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, ds, prep.train_idx, model, device, rd, say)
-    rd.write_config(cfg)
-    atomic.write_json(rd.provenance, provenance(device))
+    distributed.check_identical("mask", masks)  # distributed: a mismatch names the ranks
+    if main:
+        rd.write_config(cfg)
+        atomic.write_json(rd.provenance, provenance(device, world.size, world.backend))
     if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
-    atomic.write_json(rd.layers, report.to_dict())
+    if main:
+        atomic.write_json(rd.layers, report.to_dict())
     say(report.table())
     if (report.collapsed or report.disconnected) and cfg.prune.on_collapse != "ignore":
         message = report.warning()
@@ -109,11 +134,25 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         "train_seconds": sum(h.seconds for h in history),
         "epochs": len(history),
     }
-    atomic.write_json(rd.result, result)
-    rd.checkpoint.unlink(missing_ok=True)  # the result and the best weights supersede it
+    if main:
+        atomic.write_json(rd.result, result)
+        rd.checkpoint.unlink(missing_ok=True)  # the result and the best weights supersede it
+    distributed.barrier()  # distributed: no rank returns before the result exists
     say(f"best validation accuracy {_pct(result['best_val_acc'])} (epoch {best_epoch}); "
         f"test accuracy {_pct(test_acc)}  →  {rd.path}")
     return result
+
+
+def check_ranks_agree(prep: Prepared) -> None:
+    """Under torchrun: every rank must hold the same data, split and starting weights, or
+    the reduced scores would silently mix different experiments (a no-op in one process)."""
+    if distributed.current_world().size == 1:
+        return
+    ds = prep.ds
+    distributed.check_identical("data", {"train_x": ds.train_x, "train_y": ds.train_y,
+                                         "test_x": ds.test_x, "test_y": ds.test_y,
+                                         "train_idx": prep.train_idx, "val_idx": prep.val_idx})
+    distributed.check_identical("initial (warmed-up) model", prep.model.state_dict())
 
 
 def _pct(x: float | None) -> str:
@@ -176,7 +215,7 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device) -> n
     path = cachekeys.init_path(cfg)
     if path.exists():
         model.load_state_dict(tf.load_state(path))
-    else:
+    elif distributed.is_main():  # distributed: the other ranks built the same weights
         path.parent.mkdir(parents=True, exist_ok=True)
         tf.save_state(path, model)
     model.to(device)
@@ -196,7 +235,7 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
     path = cachekeys.warmup_path(cfg, device.type)
     if path is None:
         return 0.0
-    if path.exists():
+    if distributed.agree(path.exists()):  # distributed: the same decision on every rank
         model.load_state_dict(tf.load_state(path))
         say(f"warm-up loaded from {path}")
         return float(tf.read_metadata(path).get("seconds", 0.0))
@@ -206,13 +245,15 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
             for epoch in range(w.warmup_epochs):
                 set_lr_(optimizer, lr_at(epoch, cfg.train))
                 loaders["train"].set_epoch(epoch)
-                loss, acc = train_epoch(model, loaders["train"], optimizer, None, device=device)
+                with distributed.wrapped(model) as net:  # distributed: DDP, synced BatchNorm
+                    loss, acc = train_epoch(net, loaders["train"], optimizer, None, device=device)
                 say(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}: loss {loss:.4f}, "
                     f"train acc {_pct(acc)}")
         if w.bn_warmup:
             bn_warmup_(model, loaders["train_plain"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
     return elapsed()
 
@@ -234,7 +275,7 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
                   device: torch.device, rd: RunDir, say: Say
                   ) -> tuple[dict[str, torch.Tensor], float]:
     """Score and select (or load the stored masks). Leaves the model's weights untouched."""
-    if rd.masks.exists():
+    if distributed.agree(rd.masks.exists()):  # distributed: the same decision on every rank
         return tf.load_masks(rd.masks), json.loads(rd.masks_info.read_text())["score_seconds"]
     p = cfg.prune
     params = fp.prunable_parameters(model, p.exclude)
@@ -261,10 +302,11 @@ def pruning_masks(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor, m
     masks = {n: m.cpu() for n, m in masks.items()}
     if p.sanity == "shuffle":  # stored shuffled: the file holds the mask that is trained
         masks = shuffle_masks(masks, seed=cfg.seed)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    # The masks last: their existence is what marks this stage done (see above).
-    atomic.write_json(rd.masks_info, {"score_seconds": seconds})
-    tf.save_masks(rd.masks, masks)
+    if distributed.is_main():
+        rd.path.mkdir(parents=True, exist_ok=True)
+        # The masks last: their existence is what marks this stage done (see above).
+        atomic.write_json(rd.masks_info, {"score_seconds": seconds})
+        tf.save_masks(rd.masks, masks)
     return masks, seconds
 
 
@@ -286,13 +328,14 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
     best = max(history, key=lambda h: (h.val_acc if h.val_acc is not None else -1, -h.epoch),
                default=None)
     offset = cfg.warmup.warmup_epochs
+    main = distributed.is_main()
     for epoch in range(len(history), t.epochs):
         set_lr_(optimizer, lr_at(epoch, t))
         loaders["train"].set_epoch(offset + epoch)
         bar = tqdm(total=len(loaders["train"]), desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not show_progress, leave=False, file=sys.stderr, dynamic_ncols=True)
-        with timed() as elapsed, bar:
-            train_loss, train_acc = train_epoch(model, loaders["train"], optimizer, masker,
+        with timed() as elapsed, bar, distributed.wrapped(model) as net:  # distributed: DDP
+            train_loss, train_acc = train_epoch(net, loaders["train"], optimizer, masker,
                                                 device=device, progress=bar.update)
         if masker.violations():
             raise RuntimeError(f"epoch {epoch + 1}: {masker.violations()} pruned weights are "
@@ -303,12 +346,16 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         # Without a validation split the stored weights are the last epoch's (the ones tested).
         if best is None or (metrics.val_acc or -1) > (best.val_acc or -1) or "val" not in loaders:
             best = metrics
-            tf.save_state(rd.best, model)
-        save_history(rd, model, optimizer, history)
+            if main:
+                tf.save_state(rd.best, model)
+        if main:
+            save_history(rd, model, optimizer, history)
+        distributed.barrier()  # distributed: the epoch's files exist before any rank goes on
         say(f"epoch {metrics.epoch:3d}/{t.epochs}  loss {train_loss:.4f}  train {_pct(train_acc)}"
             f"  val {_pct(metrics.val_acc)}  lr {metrics.lr:.4g}  {metrics.seconds:.1f}s")
     if best is None:  # no training (epochs 0): store the pruned initialization that is tested
-        tf.save_state(rd.best, model)
+        if main:
+            tf.save_state(rd.best, model)
     elif "val" in loaders:
         model.load_state_dict(tf.load_state(rd.best))
     else:  # no validation split: the last epoch, never a test-set choice
@@ -328,7 +375,7 @@ def save_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
 def load_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer
                  ) -> list[EpochMetrics]:
     """Restore the last finished epoch, if any; return its history (empty for a new run)."""
-    if not rd.checkpoint.exists():
+    if not distributed.agree(rd.checkpoint.exists()):  # distributed: the same on every rank
         return []
     metadata = tf.load_checkpoint(rd.checkpoint, model, optimizer)
     return [EpochMetrics(**h) for h in json.loads(metadata["history"])]

@@ -36,8 +36,10 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
-    """Package version, git commit, torch/python versions, device and threads, UTC time."""
+def provenance(device: torch.device, world_size: int = 1, backend: str | None = None
+               ) -> dict[str, Any]:
+    """Package version, git commit, torch/python versions, device and threads, UTC time, and
+    the ``torch.distributed`` world size and backend (1 and None for a plain run)."""
     return {
         "fishprune": __version__,
         "git_commit": git_commit(),
@@ -47,5 +49,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "backend": backend,
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
