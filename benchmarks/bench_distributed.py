@@ -7,7 +7,11 @@
 Every process runs one torch thread, so W processes use W cores: the efficiency
 T(1) / (W · T(W)) is 1 for perfect scaling (T: median wall-clock seconds of the same work, the
 one-process run timed in this process, the W-process runs in W gloo processes spawned on
-127.0.0.1). Work: FTS scoring over ``--batches`` batches of 128 (Fashion-MNIST-shaped random
+127.0.0.1). On a shared machine the wall-clock ratio measures the load as much as fishprune, so
+the CPU seconds of the timed work are reported too (rank 0's; ``time.process_time``, which also
+counts gloo's threads): CPU efficiency = CPU(1) / (W · CPU per rank(W)) is the fraction of the
+work that was split rather than duplicated or added by communication.
+Work: FTS scoring over ``--batches`` batches of 128 (Fashion-MNIST-shaped random
 data: timings do not depend on values), and one training epoch (SGD, the same global batches of
 128, DDP with synchronized BatchNorm). Also the communication volume of a scoring pass: the
 bytes each rank contributes to the all-gathers of the moment sums (each rank then receives W-1
@@ -57,7 +61,8 @@ def measure(model_name: str, args: argparse.Namespace, group: Any) -> dict[str, 
     """Median seconds of one FTS scoring pass and of one training epoch, and bytes per pass."""
     model, batches = make_model(model_name), data(args.batches)
     cpu = torch.device("cpu")
-    out: dict[str, Any] = {"score": [], "epoch": [], "traffic": {}}
+    out: dict[str, Any] = {"score": [], "epoch": [], "score_cpu": [], "epoch_cpu": [],
+                           "traffic": {}}
     with fpd.data_parallel(group):
         for crit in TRAFFIC_CRITERIA:
             fpd.traffic.bytes = 0
@@ -67,20 +72,22 @@ def measure(model_name: str, args: argparse.Namespace, group: Any) -> dict[str, 
         for _ in range(args.repeats + 1):  # the first is a warm-up
             if group is not None:
                 dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fp.score(model, "fts", batches)
             out["score"].append(time.perf_counter() - start)
+            out["score_cpu"].append(time.process_time() - cpu_start)
         for _ in range(args.repeats + 1):
             net = make_model(model_name)
             optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
             with fpd.wrapped(net) as wrapped:
                 if group is not None:
                     dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 train_epoch(wrapped, batches, optimizer, None, device=cpu)
                 out["epoch"].append(time.perf_counter() - start)
-    out["score"] = statistics.median(out["score"][1:])
-    out["epoch"] = statistics.median(out["epoch"][1:])
+                out["epoch_cpu"].append(time.process_time() - cpu_start)
+    for key in ("score", "epoch", "score_cpu", "epoch_cpu"):
+        out[key] = statistics.median(out[key][1:])
     params = fp.prunable_parameters(model)
     out["prunable_bytes"] = sum(p.numel() for p in params.values()) * 4
     return out
@@ -128,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_distributed: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process, "
           f"{dt.date.today()}\n")
-    print(f"| model | work | 1 process (s) | {w} processes (s) | speed-up | efficiency |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"| model | work | 1 process (s) | {w} processes (s) | speed-up | efficiency "
+          f"| CPU s, 1 process | CPU s per rank, {w} | CPU efficiency |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in single:
         for work, label in (("score", f"FTS scoring, {args.batches}×128"),
                             ("epoch", f"training epoch, {args.batches}×128")):
             t1, tw = single[m][work], many[m][work]
+            c1, cw = single[m][f"{work}_cpu"], many[m][f"{work}_cpu"]
             print(f"| {m} | {label} | {t1:.3f} | {tw:.3f} | {t1 / tw:.2f} | "
-                  f"{t1 / (w * tw):.2f} |")
+                  f"{t1 / (w * tw):.2f} | {c1:.3f} | {cw:.3f} | {c1 / (w * cw):.2f} |")
     print("\n| model | criterion | bytes each rank all-gathers per pass ÷ prunable weights "
           "(float32) |")
     print("|---|---|---:|")
