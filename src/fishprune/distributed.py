@@ -230,9 +230,14 @@ def check_identical(what: str, value: Mapping[str, Tensor] | str, group: Any = N
 
 
 def data_parallel(group: Any) -> contextlib.AbstractContextManager:
-    """The pipeline's form of :func:`reduced_scoring`: inside, scoring, the BN-statistics pass,
+    """:func:`reduced_scoring` for the whole protocol: inside, scoring, the BN-statistics pass,
     training (:func:`shard`, :func:`wrapped`) and evaluation are split over ``group``."""
     return reduced_scoring(group)
+
+
+def use_data_parallel(group: Any) -> None:
+    """:func:`data_parallel` for the rest of this process (a torchrun worker runs one run)."""
+    _GROUP.set(group)
 
 
 def is_main() -> bool:

@@ -67,21 +67,13 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
     """
     say = echo or (lambda _msg: None)
     cfg.validate()
-    world = distributed.init_from_env(resolve_device(cfg.device).type)  # distributed
-    with distributed.data_parallel(dist_group(world)):
-        return _run(cfg, world, show_progress=show_progress and world.is_main,
-                    say=say if world.is_main else (lambda _msg: None))
-
-
-def dist_group(world: distributed.World) -> Any:
-    """The data-parallel process group (all ranks), or None in one process."""
-    return None if world.size == 1 else torch.distributed.group.WORLD
-
-
-def _run(cfg: RunConfig, world: distributed.World, *, show_progress: bool, say: Say
-         ) -> dict[str, Any]:
-    distributed.check_identical("run configuration", cfg.run_id())  # distributed
-    distributed.per_rank_batch_size(cfg.data.batch_size, world.size)
+    world = distributed.init_from_env(resolve_device(cfg.device).type)  # distributed (torchrun)
+    if world.size > 1:  # distributed: from here on this process splits its work over the ranks
+        distributed.use_data_parallel(torch.distributed.group.WORLD)
+        distributed.check_identical("run configuration", cfg.run_id())
+        distributed.per_rank_batch_size(cfg.data.batch_size, world.size)
+        if not world.is_main:
+            say, show_progress = (lambda _msg: None), False
     main = world.is_main
     rd = RunDir.of(cfg)
     if distributed.agree(rd.is_finished()):
