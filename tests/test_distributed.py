@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import distributed as dist
 from torch import nn
 
@@ -161,3 +163,23 @@ def test_one_process_is_world_size_one() -> None:
     masks = {"w": torch.tensor([True, False])}
     assert fpd.check_identical("mask", masks) == fpd.tensor_digest(masks)
     assert fpd.tensor_digest(masks) != fpd.tensor_digest({"w": torch.tensor([False, True])})
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), world=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_rank_slices_rebuild_a_batch_and_its_mean_loss(n: int, world: int, seed: int) -> None:
+    """The W slices of a batch concatenate to it, and DDP's average of the scaled per-rank mean
+    losses is the batch's mean loss, also when the batch does not split evenly."""
+    g = torch.Generator().manual_seed(seed)
+    inputs, targets = torch.randn(n, 3, generator=g).double(), torch.arange(n)
+    parts = []
+    for rank in range(world):
+        shard = fpd.ShardedBatches([(inputs, targets)], rank, world)
+        parts += [(x, y, shard.loss_scale) for x, y in shard]
+    assert torch.equal(torch.cat([y for _, y, _ in parts]), targets)
+    assert all(len(y) in (n // world, -(-n // world)) for _, y, _ in parts)
+    mean = sum(w * x.sum(1).mean() for x, _, w in parts) / world
+    torch.testing.assert_close(mean, inputs.sum(1).mean())
+    if n < world:
+        with pytest.raises(ValueError, match="fewer than the"):
+            list(fpd.ShardedBatches([(inputs, targets)], 0, world, training=True))
