@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fishprune import distributed
 from fishprune.batches import Batch, Inputs, batch_size, take
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -181,7 +182,7 @@ def gradient_moments(
     sums: list[Tensor] = []
     sq: list[Tensor] = []
     count = 0
-    for index, batch in enumerate(batches):
+    for index, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         grads = gradients(batch_loss(model, batch, loss_fn, index=index), tensors)
         grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in grads]
         if count == 0:
@@ -192,6 +193,11 @@ def gradient_moments(
             if squares:
                 torch._foreach_addcmul_(sq, grads, grads)
         count += 1
+    if distributed.active():  # distributed: sums over ranks (a rank may own no batch)
+        if count == 0:
+            sums = [_zeros(p) for p in tensors]
+            sq = [_zeros(p) for p in tensors] if squares else []
+        count = distributed.reduce_sums([*sums, *sq], count)
     if count > 1:
         torch._foreach_div_(sums, count)
         if squares:
@@ -211,10 +217,11 @@ def mean_gradient(
     names, tensors = list(params), list(params.values())
     sums = [_zeros(p) for p in tensors]
     count = 0
-    for index, batch in enumerate(batches):
+    for index, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         grads = gradients(batch_loss(model, batch, loss_fn, temperature, index), tensors)
         torch._foreach_add_(sums, [g.to(s.dtype) for g, s in zip(grads, sums)])
         count += 1
+    count = distributed.reduce_sums(sums, count)  # distributed: sums over ranks
     torch._foreach_div_(sums, count)
     return dict(zip(names, sums))
 
@@ -238,11 +245,12 @@ def hessian_vector_mean(
     sums = [_zeros(p) for p in tensors]
     hvp = _HVP()
     count = 0
-    for index, batch in enumerate(batches):
+    for index, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
         hvp.batch(model, batch, index, tensors, loss_fn, temperature, draw=lambda: v, probes=1,
                   consume=lambda _v, hv: torch._foreach_add_(
                       sums, [h.to(s.dtype) for h, s in zip(hv, sums)]))
         count += 1
+    count = distributed.reduce_sums(sums, count)  # distributed: sums over ranks
     torch._foreach_div_(sums, count)
     return dict(zip(names, sums))
 
@@ -268,7 +276,10 @@ def hutchinson_diagonal(
     h_sum = [_zeros(p) for p in tensors]
     hvp = _HVP()
     count = 0
-    for index, batch in enumerate(batches):
+    drawn = 0  # batches whose probes the generator has drawn
+    for index, batch in distributed.owned(batches):  # distributed: batch b on rank b mod W
+        _skip_probes(tensors, generator, (index - drawn) * probes)  # the other ranks' batches
+        drawn = index + 1
         g = hvp.batch(
             model, batch, index, tensors, loss_fn, temperature,
             draw=lambda: [_rademacher(p, generator) for p in tensors], probes=probes,
@@ -279,6 +290,7 @@ def hutchinson_diagonal(
         )
         torch._foreach_add_(g_sum, [gi.to(s.dtype) for gi, s in zip(g, g_sum)])
         count += 1
+    count = distributed.reduce_sums(g_sum + h_sum, count)  # distributed: sums over ranks
     torch._foreach_div_(g_sum, count)
     torch._foreach_div_(h_sum, count * probes)
     return dict(zip(names, g_sum)), dict(zip(names, h_sum))
@@ -461,6 +473,14 @@ def _exact(
     return [g.detach() for g in grads]
 
 
+def _skip_probes(tensors: list[Tensor], generator: torch.Generator, probes: int) -> None:
+    """Advance ``generator`` past ``probes`` probes exactly as :func:`_rademacher` draws them
+    (distributed: a rank skips the batches of the others, so every batch keeps its probes)."""
+    for _ in range(probes):
+        for p in tensors:
+            torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8)
+
+
 def _rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
     signs = torch.randint(0, 2, like.shape, generator=generator, dtype=torch.int8)
     return (signs.to(like.dtype) * 2 - 1).to(like.device)
@@ -493,7 +513,7 @@ def _per_sample_moments(
     _, info = _setting()
     samples_first: dict[str, bool] | None = None
     count = 0
-    for index, (inputs, targets) in enumerate(batches):
+    for index, (inputs, targets) in distributed.owned(batches):  # distributed: b on b mod W
         n_batch = batch_size(inputs)
         if samples_first is None:
             samples_first = _probe_layouts(model, hooked, inputs)
@@ -521,6 +541,7 @@ def _per_sample_moments(
             for name, sq in fb.items():
                 squares[name].add_(sq)
         count += n_batch
+    count = distributed.reduce_sums([*sums.values(), *squares.values()], count)  # distributed
     for name in names:
         sums[name].div_(count)
         squares[name].div_(count)

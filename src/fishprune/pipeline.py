@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fishprune as fp
-from fishprune import atomic, cachekeys
+from fishprune import atomic, cachekeys, distributed
 from fishprune import tensorfiles as tf
 from fishprune.collapse import CollapseError, collapse_report
 from fishprune.config import ConfigError, RunConfig
@@ -78,40 +78,63 @@ def resolve_device(name: str) -> torch.device:
 
 def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
         ) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict."""
+    """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict.
+
+    Under ``torchrun`` every rank calls this; the ranks split the work
+    (:mod:`fishprune.distributed`) and only rank 0 writes or prints.
+    """
     say = echo or (lambda _msg: None)
     cfg.validate()
+    world = distributed.init_from_env(resolve_device(cfg.device).type)  # distributed (torchrun)
+    if world.size > 1:  # distributed: from here on this process splits its work over the ranks
+        distributed.use_data_parallel(torch.distributed.group.WORLD)
+        distributed.check_identical("run configuration", cfg.run_id())
+        distributed.per_rank_batch_size(cfg.data.batch_size, world.size)
+        if not world.is_main:
+            say, show_progress = (lambda _msg: None), False
+    main = world.is_main
     rd = RunDir.of(cfg)
-    problems = rd.verify(cfg)
-    if problems:  # never resume from, or skip on, artifacts that are not what was written
-        moved = rd.quarantine()
-        say(f"WARNING: {problems[0]}" + (f" (and {len(problems) - 1} more)" if problems[1:] else "")
-            + f"; the run directory was moved to {moved} and the run is recomputed")
-    if rd.is_finished():
+    problems = rd.verify(cfg) if main else []
+    if distributed.agree(bool(problems)):  # never resume from, or skip on, what was not written
+        if main:
+            moved = rd.quarantine()
+            say(f"WARNING: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if problems[1:] else "")
+                + f"; the run directory was moved to {moved} and the run is recomputed")
+        distributed.barrier()
+    if distributed.agree(rd.is_finished()):
         say(f"already finished: {rd.result}")
         return json.loads(rd.result.read_text())
-    rd.remove_stale_temps()  # left by a killed write; the files they were to replace are intact
-    rd.error.unlink(missing_ok=True)  # a new attempt
+    if main:
+        rd.remove_stale_temps()  # left by a killed write; the files they replace are intact
+        rd.error.unlink(missing_ok=True)  # a new attempt
     try:
-        return _run(cfg, rd, show_progress, say)
+        return _run(cfg, rd, world, show_progress, say)
     except Exception as err:
-        if rd.path.is_dir():  # the failure is recorded where the run lives (see rundir)
+        if main and rd.path.is_dir():  # the failure is recorded where the run lives (rundir)
             rd.record_error(cfg, f"{type(err).__name__}: {err}", traceback.format_exc())
         raise
 
 
-def _run(cfg: RunConfig, rd: RunDir, show_progress: bool, say: Say) -> dict[str, Any]:
+def _run(cfg: RunConfig, rd: RunDir, world: distributed.World, show_progress: bool, say: Say
+         ) -> dict[str, Any]:
+    main = world.is_main
     prep = prepare(cfg, say, show_progress=show_progress)
     ds, model, device = prep.ds, prep.model, prep.device
+    check_ranks_agree(prep)  # distributed: same data, split and (warmed-up) weights everywhere
 
     # The run directory appears with the first artifact: a bad input fails before it exists.
     masks, score_seconds = pruning_masks(cfg, prep, rd, say, show_progress=show_progress)
-    rd.write_config(cfg)
-    rd.write_json(PROVENANCE, provenance(device, data_source=ds.source))
+    distributed.check_identical("mask", masks)  # distributed: a mismatch names the ranks
+    if main:
+        rd.write_config(cfg)
+        rd.write_json(PROVENANCE, provenance(device, world.size, world.backend,
+                                             data_source=ds.source))
     if cfg.prune.sanity == "reinit":
         reinitialize_(model, fresh_model(cfg, ds, seed=cfg.seed + 1_000_003).to(device))
     report = collapse_report(model, masks, tuple(ds.train_x.shape[1:]))
-    rd.write_json(LAYERS, report.to_dict())
+    if main:
+        rd.write_json(LAYERS, report.to_dict())
     say(report.table())
     if (report.collapsed or report.disconnected) and cfg.prune.on_collapse != "ignore":
         message = report.warning()
@@ -142,11 +165,25 @@ def _run(cfg: RunConfig, rd: RunDir, show_progress: bool, say: Say) -> dict[str,
         "train_seconds": sum(h.seconds for h in history),
         "epochs": len(history),
     }
-    rd.write_json(RESULT, result)
-    rd.discard(CHECKPOINT)  # the result and the best weights supersede it
+    if main:
+        rd.write_json(RESULT, result)
+        rd.discard(CHECKPOINT)  # the result and the best weights supersede it
+    distributed.barrier()  # distributed: no rank returns before the result exists
     say(f"best validation accuracy {_pct(result['best_val_acc'])} (epoch {best_epoch}); "
         f"test accuracy {_pct(test_acc)}  →  {rd.path}")
     return result
+
+
+def check_ranks_agree(prep: Prepared) -> None:
+    """Under torchrun: every rank must hold the same data, split and starting weights, or
+    the reduced scores would silently mix different experiments (a no-op in one process)."""
+    if distributed.current_world().size == 1:
+        return
+    ds = prep.ds
+    distributed.check_identical("data", {"train_x": ds.train_x, "train_y": ds.train_y,
+                                         "test_x": ds.test_x, "test_y": ds.test_y,
+                                         "train_idx": prep.train_idx, "val_idx": prep.val_idx})
+    distributed.check_identical("initial (warmed-up) model", prep.model.state_dict())
 
 
 def _pct(x: float | None) -> str:
@@ -240,10 +277,10 @@ def initial_model(cfg: RunConfig, ds: DatasetTensors, device: torch.device,
     """The seeded initialization, cached for every run sharing it (:mod:`fishprune.cachekeys`)."""
     model = fresh_model(cfg, ds, seed=cfg.seed)
     path = cachekeys.init_path(cfg)
-    cached = load_cached(path, say)
+    cached = load_cached(path, say) if distributed.agree(path.exists()) else None
     if cached is not None:
         model.load_state_dict(cached)
-    else:
+    elif distributed.is_main():  # distributed: the other ranks built the same weights
         path.parent.mkdir(parents=True, exist_ok=True)
         tf.save_state(path, model)
     model.to(device)
@@ -263,7 +300,7 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
     path = cachekeys.warmup_path(cfg, device.type)
     if path is None:
         return 0.0
-    cached = load_cached(path, say)
+    cached = load_cached(path, say) if distributed.agree(path.exists()) else None
     if cached is not None:
         model.load_state_dict(cached)
         say(f"warm-up loaded from {path}")
@@ -275,9 +312,10 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
                 set_lr_(optimizer, lr_at(epoch, cfg.train))
                 loaders["train"].set_epoch(epoch)
                 with Progress(f"warm-up epoch {epoch + 1}/{w.warmup_epochs}",
-                              len(loaders["train"]), show=show_progress, say=say) as bar:
+                              len(loaders["train"]), show=show_progress, say=say) as bar, \
+                        distributed.wrapped(model) as net:  # distributed: DDP, synced BN
                     try:
-                        loss, acc = train_epoch(model, loaders["train"], optimizer, None,
+                        loss, acc = train_epoch(net, loaders["train"], optimizer, None,
                                                 device=device, progress=bar.update)
                     except DivergedError as err:
                         raise DivergedError(f"warm-up epoch {epoch + 1}: {err} (try a lower "
@@ -288,8 +326,9 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
             with Progress("BN statistics", len(loaders["train_plain"]), show=show_progress,
                           say=say) as bar:
                 bn_warmup_(model, Counted(loaders["train_plain"], bar))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
     say(f"warm-up took {elapsed():.1f}s")
     return elapsed()
 
@@ -324,7 +363,8 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
     ds, train_idx, model, device = prep.ds, prep.train_idx, prep.model, prep.device
     p = cfg.prune
     params = scored_parameters(cfg, model)
-    if rd.masks.exists():  # verified by run(): its checksum, exact count and layer order
+    # Verified by run(): checksum, exact count, layer order; the same decision on every rank.
+    if distributed.agree(rd.masks.exists()):
         masks = tf.load_masks(rd.masks)
         if list(masks) != list(params):
             raise ValueError(f"{rd.masks} masks {list(masks)}, the model's prunable weights are "
@@ -371,13 +411,14 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
     masks = {n: m.cpu() for n, m in masks.items()}
     if p.sanity == "shuffle":  # stored shuffled: the file holds the mask that is trained
         masks = shuffle_masks(masks, seed=cfg.seed)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    # The masks last: their existence is what marks this stage done (see above).
-    # How the scores were computed (the Hessian-vector product method, per-sample fallbacks):
-    # a fallback never changes a result silently.
-    rd.write_json(MASKS_INFO, {"score_seconds": seconds, "scoring": scoring})
-    tf.save_masks(rd.masks, masks)
-    rd.record(MASKS)
+    if distributed.is_main():
+        rd.path.mkdir(parents=True, exist_ok=True)
+        # The masks last: their existence is what marks this stage done (see above).
+        # How the scores were computed (the Hessian-vector product method, per-sample
+        # fallbacks): a fallback never changes a result silently.
+        rd.write_json(MASKS_INFO, {"score_seconds": seconds, "scoring": scoring})
+        tf.save_masks(rd.masks, masks)
+        rd.record(MASKS)
     return masks, seconds
 
 
@@ -403,14 +444,15 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
     best = max(history, key=lambda h: (h.val_acc if h.val_acc is not None else -1, -h.epoch),
                default=None)
     offset = cfg.warmup.warmup_epochs
+    main = distributed.is_main()
     for epoch in range(len(history), t.epochs):
         set_lr_(optimizer, lr_at(epoch, t))
         loaders["train"].set_epoch(offset + epoch)
         bar = tqdm(total=len(loaders["train"]), desc=f"epoch {epoch + 1}/{t.epochs}",
                    disable=not show_progress, leave=False, file=sys.stderr, dynamic_ncols=True)
-        with timed() as elapsed, bar:
+        with timed() as elapsed, bar, distributed.wrapped(model) as net:  # distributed: DDP
             try:
-                train_loss, train_acc = train_epoch(model, loaders["train"], optimizer, masker,
+                train_loss, train_acc = train_epoch(net, loaders["train"], optimizer, masker,
                                                     device=device, progress=bar.update)
             except DivergedError as err:
                 raise DivergedError(f"epoch {epoch + 1}: {err} (try a lower --lr)") from None
@@ -423,14 +465,18 @@ def fit(cfg: RunConfig, model: nn.Module, masks: dict[str, torch.Tensor],
         # Without a validation split the stored weights are the last epoch's (the ones tested).
         if best is None or (metrics.val_acc or -1) > (best.val_acc or -1) or "val" not in loaders:
             best = metrics
-            tf.save_state(rd.best, model)
-        save_history(rd, model, optimizer, history)
-        rd.record(BEST, CHECKPOINT, METRICS)
+            if main:
+                tf.save_state(rd.best, model)
+        if main:
+            save_history(rd, model, optimizer, history)
+            rd.record(BEST, CHECKPOINT, METRICS)
+        distributed.barrier()  # distributed: the epoch's files exist before any rank goes on
         say(f"epoch {metrics.epoch:3d}/{t.epochs}  loss {train_loss:.4f}  train {_pct(train_acc)}"
             f"  val {_pct(metrics.val_acc)}  lr {metrics.lr:.4g}  {metrics.seconds:.1f}s")
     if best is None:  # no training (epochs 0): store the pruned initialization that is tested
-        tf.save_state(rd.best, model)
-        rd.record(BEST)
+        if main:
+            tf.save_state(rd.best, model)
+            rd.record(BEST)
     elif "val" in loaders:
         model.load_state_dict(tf.load_state(rd.best))
     else:  # no validation split: the last epoch, never a test-set choice
@@ -450,7 +496,7 @@ def save_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer,
 def load_history(rd: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer
                  ) -> list[EpochMetrics]:
     """Restore the last finished epoch, if any; return its history (empty for a new run)."""
-    if not rd.checkpoint.exists():
+    if not distributed.agree(rd.checkpoint.exists()):  # distributed: the same on every rank
         return []
     metadata = tf.load_checkpoint(rd.checkpoint, model, optimizer)
     return [EpochMetrics(**h) for h in json.loads(metadata["history"])]

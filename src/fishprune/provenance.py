@@ -36,9 +36,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: torch.device, *, data_source: str | None = None) -> dict[str, Any]:
+def provenance(device: torch.device, world_size: int = 1, backend: str | None = None, *,
+               data_source: str | None = None) -> dict[str, Any]:
     """Package version, git commit, torch/python versions, device and threads, the data files
-    actually read, UTC time."""
+    actually read, UTC time, and the ``torch.distributed`` world size and backend (1 and None
+    for a plain run)."""
     return {
         "data_source": data_source,
         "fishprune": __version__,
@@ -49,5 +51,7 @@ def provenance(device: torch.device, *, data_source: str | None = None) -> dict[
         "device": str(device),
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "backend": backend,
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fishprune import distributed
 from fishprune.autograd import (
     HVP_METHODS,
     Loss,
@@ -62,6 +63,7 @@ def score(
     output_fn: OutputFn | None = None,
     hvp: str = "auto",
     return_info: bool = False,
+    process_group: Any = None,
     **options: Any,
 ) -> Any:
     """Score every prunable weight of ``model`` with ``criterion``; higher = keep.
@@ -96,6 +98,12 @@ def score(
             ``"exact"`` (an error instead of a fallback) or ``"fd"``.
         return_info: also return a :class:`fishprune.ScoreInfo` saying how the scores were
             computed (the HVP method, per-sample fallbacks).
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks): batch b is computed by rank b mod W and the moments are summed
+            across the group in rank order, so every rank returns bit-identical scores, equal to
+            one process's up to float summation order (:mod:`fishprune.distributed`). Every
+            rank must pass the same batches and the same (unwrapped, not DDP) model. None: the
+            enclosing :func:`fishprune.distributed.reduced_scoring`, if any, else one process.
         **options: the criterion's own options (see ``fishprune criteria``), e.g. ``probes``.
 
     Returns:
@@ -129,7 +137,9 @@ def score(
     loss = Loss(loss_fn or F.cross_entropy, output_fn or logits_of)
     ctx = Context(loss_fn=loss, seed=seed, prunable=prunable_parameters(model, include=include))
     info = ScoreInfo(criterion=crit.name)
-    with preserved(model, params), seeded_rng(seed, device), hvp_setting(hvp, info):
+    group = contextlib.nullcontext() if process_group is None else (  # distributed hook
+        distributed.reduced_scoring(process_group))
+    with group, preserved(model, params), seeded_rng(seed, device), hvp_setting(hvp, info):
         model.train(mode == "train")
         raw = crit.fn(model, params, data, ctx, opts)
     scores = _checked(raw, params, crit.name)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fishprune import distributed
 from fishprune.config import TrainConfig
 from fishprune.masking import Masker
 from fishprune.modes import restored_modes
@@ -78,7 +79,11 @@ def train_epoch(
 
     Raises :class:`DivergedError` when the loss was NaN or infinite (checked once, at the end:
     the loss is accumulated on the device, without a synchronization per step).
+
+    Data-parallel (``model`` wrapped by :func:`fishprune.distributed.wrapped`): each rank
+    trains on its slice of every batch and the metrics are summed over the ranks.
     """
+    batches = distributed.shard(batches, training=True)  # distributed: this rank's slices
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -88,7 +93,7 @@ def train_epoch(
             outputs = model(inputs)
             loss = F.cross_entropy(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        distributed.scaled_loss(loss, batches).backward()  # distributed: weight for DDP's mean
         if masker is not None:
             masker.mask_grads_()
         optimizer.step()
@@ -100,17 +105,21 @@ def train_epoch(
         seen += n
         if progress is not None:
             progress(1)
-    mean_loss = float(loss_sum) / max(seen, 1)
+    loss_sum, correct, total = distributed.reduce_metrics(  # distributed: sums over ranks
+        loss_sum, correct, torch.tensor(seen))
+    mean_loss = float(loss_sum) / max(int(total), 1)
     if not math.isfinite(mean_loss):
         raise DivergedError(f"training diverged: the loss is {mean_loss}")
-    return mean_loss, int(correct) / max(seen, 1)
+    return mean_loss, int(correct) / max(int(total), 1)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: torch.device
 ) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 accuracy) in eval mode."""
+    """(mean cross-entropy, top-1 accuracy) in eval mode (data-parallel: each rank its slice
+    of every batch, the sums of losses, corrects and counts reduced over the ranks)."""
+    batches = distributed.shard(batches)  # distributed: this rank's slices
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -121,7 +130,9 @@ def evaluate(
         loss_sum += F.cross_entropy(outputs.float(), targets, reduction="sum")
         correct += (outputs.argmax(1) == targets).sum()
         seen += targets.shape[0]
-    return float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
+    loss_sum, correct, total = distributed.reduce_metrics(  # distributed: sums over ranks
+        loss_sum, correct, torch.tensor(seen))
+    return float(loss_sum) / max(int(total), 1), int(correct) / max(int(total), 1)
 
 
 @torch.no_grad()
@@ -144,8 +155,9 @@ def bn_warmup_(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> nn
     try:
         with restored_modes(model):
             model.train()
-            for inputs, _ in batches:
+            for _, (inputs, _) in distributed.owned(batches):  # distributed: b on rank b mod W
                 model(inputs)
+        distributed.reduce_running_stats_(norms)  # distributed: average over all ranks' batches
     finally:
         for m, momentum in momenta:
             m.momentum = momentum

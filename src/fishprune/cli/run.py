@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -18,10 +19,14 @@ def add(subparsers: Any, name: str, parents: list[argparse.ArgumentParser]) -> N
 
 
 def main(args: argparse.Namespace) -> int:
+    from fishprune import distributed
     from fishprune.pipeline import run
 
     cfg = settings_from(args)
-    print(describe(cfg), flush=True)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if main_rank:
+        print(describe(cfg), flush=True)
     run(cfg, show_progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
         echo=lambda m: print(m, flush=True))
+    distributed.shutdown()  # leave the process group of a torchrun job (nothing otherwise)
     return 0

@@ -14,7 +14,6 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
-import threading
 import time
 import traceback
 from concurrent import futures
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fishprune import config as C
+from fishprune.lifetime import exit_with_parent
 from fishprune.rundir import RunDir
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -104,18 +104,12 @@ class SerialBackend:
         self._tasks.clear()
 
 
-def _watch_parent(pid: int) -> None:
-    while os.getppid() == pid:
-        time.sleep(1.0)
-    os._exit(1)  # the driver died: stop now (the run resumes from its checkpoint later)
-
-
 def _init_worker(threads: int, parent: int) -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     torch.set_num_threads(threads)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    exit_with_parent(parent)  # the driver died: stop (a rerun resumes the run)
 
 
 class LocalBackend:
