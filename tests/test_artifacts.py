@@ -461,14 +461,14 @@ def test_every_tensor_file_verifies_its_checksum(tmp_path: Path) -> None:
         corrupt = bytearray(data)
         corrupt[position] ^= 0x01
         path.write_bytes(bytes(corrupt))
-        with pytest.raises(ValueError, match="m.safetensors: checksum mismatch"):
+        with pytest.raises(ValueError, match=r"m\.safetensors: checksum mismatch"):
             tf.load_masks(path)
     state = tmp_path / "s.safetensors"
     tf.save_state(state, {"w": torch.arange(10.0)}, metadata={"note": "x"})
     data = bytearray(state.read_bytes())
     data[-3] ^= 0x40
     state.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="s.safetensors: checksum mismatch"):
+    with pytest.raises(ValueError, match=r"s\.safetensors: checksum mismatch"):
         tf.load_state(state)
 
 
