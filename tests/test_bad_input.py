@@ -363,6 +363,19 @@ def test_nothing_left_to_score_exits_2(command: str, sparsity: str, tmp_path: Pa
     assert_no_debris(out)
 
 
+@pytest.mark.parametrize("patterns", [["nomatch*"], ["fc1.*", "fc9.*"], ["["]])
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_exclude_pattern_matching_nothing_exits_2(command: str, patterns: list[str],
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a mistyped pattern was ignored, so the weights it meant to keep were pruned."""
+    out = tmp_path / "out"
+    status = main(capsys, command, *FAST, "--out", str(out), "--exclude", *patterns)
+    line = error_line(capsys, status, 2)
+    assert "match no prunable weight" in line and patterns[-1] in line
+    assert_no_debris(out)
+
+
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_empty_scoring_set_exits_1(command: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,11 @@ def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Paramete
     if not params:
         raise ConfigError(f"nothing is left to score: exclude={list(cfg.prune.exclude)} matches "
                           f"every prunable weight of {cfg.model.model}")
+    every = list(fp.prunable_parameters(model))
+    unmatched = [pat for pat in cfg.prune.exclude if not any(fnmatchcase(n, pat) for n in every)]
+    if unmatched:  # a typo would silently prune the weights it was meant to keep
+        raise ConfigError(f"exclude pattern(s) {unmatched} match no prunable weight of "
+                          f"{cfg.model.model} (its prunable weights: {', '.join(every)})")
     return params
 
 
