@@ -9,6 +9,7 @@ scoring round and can never come back: they rank below every weight still alive.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
@@ -51,8 +52,9 @@ def prune(
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # read every round
-    if total > 1 and crit.needs_data and batches is not None and not isinstance(batches, Sequence):
-        batches = list(batches)  # every round must see the same batches
+    if total > 1 and batches is not None and not isinstance(batches, Sequence):
+        # every round must see the same batches (a data-free criterion reads the first one)
+        batches = list(batches) if crit.needs_data else list(islice(batches, 1))
     masks: dict[str, Tensor] | None = None
     for r in range(1, total + 1):
         scores = score(
