@@ -66,6 +66,9 @@ def _check_batch(item: Any, index: int, device: torch.device) -> Batch:
     inputs, targets = item
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise ValueError(f"batch {index}: inputs and targets must be tensors")
+    if inputs.dim() == 0 or targets.dim() == 0:
+        raise ValueError(f"batch {index}: inputs of shape {tuple(inputs.shape)} and targets of "
+                         f"shape {tuple(targets.shape)} (need a leading batch dimension)")
     if inputs.shape[0] == 0 or inputs.shape[0] != targets.shape[0]:
         raise ValueError(
             f"batch {index}: {inputs.shape[0]} inputs and {targets.shape[0]} targets "
