@@ -347,7 +347,7 @@ def test_empty_batches(criterion: str) -> None:
                                    (torch.zeros(2, 48), torch.tensor(0))])
 def test_zero_dim_batch_is_named(criterion: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Regression: a 0-dim tensor raised a bare "IndexError: tuple index out of range"."""
-    with pytest.raises(ValueError, match=r"batch 0: .* need a leading batch dimension"):
+    with pytest.raises(ValueError, match=r"batch 0: .*need a leading batch dimension"):
         fp.score(build("mlp"), criterion, [batch], **fast(criterion))
 
 
