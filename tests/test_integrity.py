@@ -100,6 +100,19 @@ def test_an_edit_recorded_in_the_manifest_is_caught_by_consistency(
     assert mention in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("artifact", ["result.json", "masks.safetensors"])
+def test_a_directory_in_place_of_an_artifact_is_recomputed(
+        finished: tuple[C.RunConfig, dict[str, Any]], artifact: str) -> None:
+    """Regression: run and report stopped with "[Errno 21] Is a directory", naming no remedy."""
+    cfg, result = finished
+    rd = RunDir.of(cfg)
+    (rd / artifact).unlink()
+    (rd / artifact).mkdir()
+    assert rd.verify(cfg) == [f"{rd / artifact} is not a regular file"]
+    assert numbers(run(cfg)) == numbers(result)
+    assert RunDir.of(cfg).verify(cfg) == []
+
+
 def test_export_refuses_a_corrupt_run_naming_the_file(
         finished: tuple[C.RunConfig, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     """Regression: a flipped bit in masks.safetensors made export drop a trained weight."""

@@ -179,6 +179,8 @@ class RunDir:
                 problems.append(f"{path} is not recorded in {MANIFEST}")
             elif not path.exists():
                 problems.append(f"{path} is recorded in {MANIFEST} but missing")
+            elif not path.is_file():
+                problems.append(f"{path} is not a regular file")
             elif atomic.sha256_file(path) != manifest[name]:
                 problems.append(f"{path} does not match its checksum in {MANIFEST}")
         if problems or CONFIG not in present:
