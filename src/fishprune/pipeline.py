@@ -77,6 +77,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
     """Run (or resume, or skip if finished) the experiment ``cfg``; return its result dict."""
     say = echo or (lambda _msg: None)
     cfg.validate()
+    check_out(cfg)
     rd = RunDir.of(cfg)
     problems = rd.verify(cfg)
     if problems:  # never resume from, or skip on, artifacts that are not what was written
@@ -188,8 +189,17 @@ class Prepared:
     warmup_seconds: float
 
 
+def check_out(cfg: RunConfig) -> None:
+    """A usage error when ``out`` is empty or names something that is not a directory."""
+    if not cfg.out.strip():
+        raise ConfigError("out must name a directory; got an empty string")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"out {cfg.out} exists and is not a directory")
+
+
 def prepare(cfg: RunConfig, say: Say = lambda _m: None) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
+    check_out(cfg)
     device = resolve_device(cfg.device)
     data_dir = cfg.data.data_dir
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
