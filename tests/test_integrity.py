@@ -82,6 +82,10 @@ def test_a_corrupted_finished_run_is_recomputed_to_the_same_numbers(
     ("result.json", lambda r: {**r, "best_epoch": 1}, "metrics.json"),
     ("layers.json", lambda lay: lay["layers"], "layers.json"),
     ("layers.json", lambda lay: {"layers": [None, None, None]}, "layers.json"),
+    ("layers.json", lambda lay: {"layers": [{**x, "effective": x["kept"] + 1}
+                                            for x in lay["layers"]]}, "layers.json"),
+    ("layers.json", lambda lay: {"layers": [{**x, "numel": 7} for x in lay["layers"]]},
+     "layers.json"),
 ])
 def test_an_edit_recorded_in_the_manifest_is_caught_by_consistency(
         finished: tuple[C.RunConfig, dict[str, Any]], artifact: str, edit: Any, mention: str,

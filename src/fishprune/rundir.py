@@ -219,7 +219,11 @@ class RunDir:
                 if not isinstance(layers, list) or [
                     (lay.get("name"), lay.get("kept")) if isinstance(lay, dict) else None
                     for lay in layers
-                ] != list(kept.items()):
+                ] != list(kept.items()) or not all(
+                    lay.get("numel") == masks[lay["name"]].numel()
+                    and isinstance(lay.get("effective"), int)
+                    and 0 <= lay["effective"] <= lay["kept"] for lay in layers
+                ):
                     checks.append(f"{self.layers} does not agree with {self.masks.name}")
             if self.result.exists():
                 result = self.read_json(RESULT)
