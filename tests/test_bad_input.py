@@ -363,6 +363,36 @@ def test_nothing_left_to_score_exits_2(command: str, sparsity: str, tmp_path: Pa
     assert_no_debris(out)
 
 
+@pytest.mark.parametrize(("out", "mention"), [("/dev/null", "is not a directory"),
+                                              ("", "empty string"), ("FILE", "is not a directory")])
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_out_that_is_not_a_directory_exits_2(command: str, out: str, mention: str,
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: ``--out /dev/null`` said "Not a directory: '/dev/null/<id>/error.json'" with
+    status 1, and ``--out ''`` wrote the run into the current directory."""
+    if out == "FILE":
+        out = str(tmp_path / "a-file")
+        Path(out).write_text("x")
+    before = sorted(Path.cwd().iterdir())
+    status = main(capsys, command, *FAST, "--out", out)
+    assert mention in error_line(capsys, status, 2)
+    assert sorted(Path.cwd().iterdir()) == before
+
+
+@pytest.mark.parametrize("patterns", [["nomatch*"], ["fc1.*", "fc9.*"], ["["]])
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_exclude_pattern_matching_nothing_exits_2(command: str, patterns: list[str],
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a mistyped pattern was ignored, so the weights it meant to keep were pruned."""
+    out = tmp_path / "out"
+    status = main(capsys, command, *FAST, "--out", str(out), "--exclude", *patterns)
+    line = error_line(capsys, status, 2)
+    assert "match no prunable weight" in line and patterns[-1] in line
+    assert_no_debris(out)
+
+
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_empty_scoring_set_exits_1(command: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -318,6 +318,15 @@ def test_empty_batches(criterion: str) -> None:
             fp.score(build("mlp"), criterion, empty, **fast(criterion))
 
 
+@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c not in ("random", "magnitude")])
+@pytest.mark.parametrize("batch", [(torch.tensor(1.0), torch.tensor(0)),
+                                   (torch.zeros(2, 48), torch.tensor(0))])
+def test_zero_dim_batch_is_named(criterion: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Regression: a 0-dim tensor raised a bare "IndexError: tuple index out of range"."""
+    with pytest.raises(ValueError, match=r"batch 0: .*0-dim tensor; samples must lie on dim 0"):
+        fp.score(build("mlp"), criterion, [batch], **fast(criterion))
+
+
 def test_no_prunable_layer() -> None:
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(48))
     with pytest.raises(ValueError, match=r"no prunable weights.*Linear"):

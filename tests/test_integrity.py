@@ -76,6 +76,47 @@ def test_a_corrupted_finished_run_is_recomputed_to_the_same_numbers(
     assert len(list((Path(cfg.out) / QUARANTINE).iterdir())) == 1  # the evidence is kept
 
 
+@pytest.mark.parametrize(("artifact", "edit", "mention"), [
+    ("metrics.json", lambda m: [{**e, "val_acc": 0.99} for e in m], "metrics.json"),
+    ("metrics.json", lambda m: m[:1], "metrics.json"),
+    ("result.json", lambda r: {**r, "best_epoch": 1}, "metrics.json"),
+    ("layers.json", lambda lay: lay["layers"], "layers.json"),
+    ("layers.json", lambda lay: {"layers": [None, None, None]}, "layers.json"),
+    ("layers.json", lambda lay: {"layers": [{**x, "effective": x["kept"] + 1}
+                                            for x in lay["layers"]]}, "layers.json"),
+    ("layers.json", lambda lay: {"layers": [{**x, "numel": 7} for x in lay["layers"]]},
+     "layers.json"),
+])
+def test_an_edit_recorded_in_the_manifest_is_caught_by_consistency(
+        finished: tuple[C.RunConfig, dict[str, Any]], artifact: str, edit: Any, mention: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: an edited metrics.json (manifest checksum updated) reached the report, and a
+    layers.json holding a list made report/export say "'list' object has no attribute 'get'"."""
+    cfg, result = finished
+    assert result["best_epoch"] == 2  # the edits below contradict it
+    rd = RunDir.of(cfg)
+    path = rd / artifact
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    rd.record(artifact)
+    problems = rd.verify(cfg)
+    assert len(problems) == 1 and mention in problems[0], problems
+    assert cli.main(["export", str(rd.path)]) == 1
+    assert mention in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("artifact", ["result.json", "masks.safetensors"])
+def test_a_directory_in_place_of_an_artifact_is_recomputed(
+        finished: tuple[C.RunConfig, dict[str, Any]], artifact: str) -> None:
+    """Regression: run and report stopped with "[Errno 21] Is a directory", naming no remedy."""
+    cfg, result = finished
+    rd = RunDir.of(cfg)
+    (rd / artifact).unlink()
+    (rd / artifact).mkdir()
+    assert rd.verify(cfg) == [f"{rd / artifact} is not a regular file"]
+    assert numbers(run(cfg)) == numbers(result)
+    assert RunDir.of(cfg).verify(cfg) == []
+
+
 def test_export_refuses_a_corrupt_run_naming_the_file(
         finished: tuple[C.RunConfig, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     """Regression: a flipped bit in masks.safetensors made export drop a trained weight."""

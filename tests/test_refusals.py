@@ -63,6 +63,25 @@ def test_deeply_nested_toml_is_a_usage_error(tmp_path: Path,
     assert "deep.toml" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("text", ["x = " + "[" * 5_000 + "]" * 5_000 + "\n",
+                                  "x = " + "{a = " * 2_000 + "1" + "}" * 2_000 + "\n"])
+def test_deeply_nested_sweep_file_is_a_usage_error(text: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: the sweep said only "maximum recursion depth exceeded", with status 1."""
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 2
+    assert "deep.toml is nested too deeply" in one_error_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_directory_as_sweep_file_is_a_usage_error(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: "[Errno 21] Is a directory", with status 1 and no file named."""
+    assert cli.main(["sweep", str(tmp_path), "--dry-run"]) == 2
+    assert f"sweep file {tmp_path} is a directory" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("text", [
     "batch_size = 64\nbatch-size = 32\n",
     "lr = 0.1\n[train]\nlr = 0.2\n",

@@ -258,6 +258,16 @@ def test_prune_exclude_as_a_generator_holds_for_every_round() -> None:
 
 
 @pytest.mark.parametrize("criterion", fp.criteria())
+def test_prune_over_rounds_reads_a_generator_like_a_list(criterion: str) -> None:
+    """Regression: synflow (data-free, 100 rounds) read only the first batch of the first round
+    from a generator, so round 2 said "batches is empty"."""
+    data = batches()
+    from_list = fp.prune(small_cnn(), criterion, 0.8, data, rounds=3, seed=7)
+    from_gen = fp.prune(small_cnn(), criterion, 0.8, (b for b in data), rounds=3, seed=7)
+    assert all(torch.equal(from_list[n], from_gen[n]) for n in from_list)
+
+
+@pytest.mark.parametrize("criterion", fp.criteria())
 def test_prune_is_deterministic(criterion: str) -> None:
     first = fp.prune(small_cnn(), criterion, 0.8, batches(), seed=7)
     again = fp.prune(small_cnn(), criterion, 0.8, batches(), seed=7)

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
     """
     say = echo or (lambda _msg: None)
     cfg.validate()
+    check_out(cfg)
     world = distributed.init_from_env(resolve_device(cfg.device).type)  # distributed (torchrun)
     if world.size > 1:  # distributed: from here on this process splits its work over the ranks
         distributed.use_data_parallel(torch.distributed.group.WORLD)
@@ -233,9 +235,18 @@ class Prepared:
     warmup_seconds: float
 
 
+def check_out(cfg: RunConfig) -> None:
+    """A usage error when ``out`` is empty or names something that is not a directory."""
+    if not cfg.out.strip():
+        raise ConfigError("out must name a directory; got an empty string")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"out {cfg.out} exists and is not a directory")
+
+
 def prepare(cfg: RunConfig, say: Say = lambda _m: None, *, show_progress: bool = False
             ) -> Prepared:
     """data → model → warm-up: the stages shared by runs, sweeps and ``fishprune analyze``."""
+    check_out(cfg)
     device = resolve_device(cfg.device)
     d = cfg.data
     if d.data_dir is not None and not Path(d.data_dir).expanduser().is_dir():
@@ -348,6 +359,11 @@ def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
 
 def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights the run scores and prunes; a usage error when ``exclude`` leaves none."""
+    every = list(fp.prunable_parameters(model))
+    unmatched = [pat for pat in cfg.prune.exclude if not any(fnmatchcase(n, pat) for n in every)]
+    if unmatched:  # a typo would silently prune the weights it was meant to keep
+        raise ConfigError(f"exclude pattern(s) {unmatched} match no prunable weight of "
+                          f"{cfg.model.model} (its prunable weights: {', '.join(every)})")
     params = fp.prunable_parameters(model, cfg.prune.exclude)
     if not params:
         raise ConfigError(f"nothing is left to score: exclude={list(cfg.prune.exclude)} matches "

@@ -179,6 +179,8 @@ class RunDir:
                 problems.append(f"{path} is not recorded in {MANIFEST}")
             elif not path.exists():
                 problems.append(f"{path} is recorded in {MANIFEST} but missing")
+            elif not path.is_file():
+                problems.append(f"{path} is not a regular file")
             elif atomic.sha256_file(path) != manifest[name]:
                 problems.append(f"{path} does not match its checksum in {MANIFEST}")
         if problems or CONFIG not in present:
@@ -210,14 +212,29 @@ class RunDir:
         if problem:
             return [f"{self.masks}: {problem}"]
         checks = []
-        if self.layers.exists():
-            layers = self.read_json(LAYERS).get("layers", [])
-            if [(lay.get("name"), lay.get("kept")) for lay in layers] != list(kept.items()):
-                checks.append(f"{self.layers} does not agree with {self.masks.name}")
-        if self.result.exists():
-            result = self.read_json(RESULT)
-            if not isinstance(result, dict) or result.get("kept") != sum(kept.values()):
-                checks.append(f"{self.result} does not agree with {self.masks.name}")
+        try:
+            if self.layers.exists():
+                layers = self.read_json(LAYERS)
+                layers = layers.get("layers") if isinstance(layers, dict) else None
+                if not isinstance(layers, list) or [
+                    (lay.get("name"), lay.get("kept")) if isinstance(lay, dict) else None
+                    for lay in layers
+                ] != list(kept.items()) or not all(
+                    lay.get("numel") == masks[lay["name"]].numel()
+                    and isinstance(lay.get("effective"), int)
+                    and 0 <= lay["effective"] <= lay["kept"] for lay in layers
+                ):
+                    checks.append(f"{self.layers} does not agree with {self.masks.name}")
+            if self.result.exists():
+                result = self.read_json(RESULT)
+                if not isinstance(result, dict) or result.get("kept") != sum(kept.values()):
+                    checks.append(f"{self.result} does not agree with {self.masks.name}")
+                elif self.metrics.exists() and not _best_epoch_agrees(result,
+                                                                      self.read_json(METRICS)):
+                    checks.append(f"{self.result} does not agree with {self.metrics.name} "
+                                  "(best epoch and its validation accuracy)")
+        except RunDirError as err:
+            checks.append(str(err))
         return checks
 
     def quarantine(self) -> Path:
@@ -246,3 +263,20 @@ class RunDir:
     def remove_stale_temps(self) -> None:
         """Delete what killed atomic writes left here (see :mod:`fishprune.atomic`)."""
         atomic.remove_stale_temps(self.path)
+
+
+def _best_epoch_agrees(result: dict[str, Any], metrics: Any) -> bool:
+    """``result.json``'s best epoch is the first epoch of ``metrics.json`` with the highest
+    validation accuracy, and its accuracy is that epoch's."""
+    epoch, best = result.get("best_epoch"), result.get("best_val_acc")
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics) \
+            or isinstance(epoch, bool) or not isinstance(epoch, int):
+        return False
+    accs = [m.get("val_acc") for m in metrics]
+    if best is None:  # no training, or no validation split: the last epoch's weights
+        return epoch == len(accs) and all(a is None for a in accs)
+    if not 1 <= epoch <= len(accs) or None in accs:
+        return False
+    top = max(accs)
+    return metrics[epoch - 1].get("epoch") == epoch and accs[epoch - 1] == best == top \
+        and accs.index(top) == epoch - 1

@@ -110,12 +110,18 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Read and expand a sweep file; ``out`` overrides its ``out`` (default ``sweeps/<stem>``)."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise C.ConfigError(f"sweep file {path} is a directory")
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise C.ConfigError(f"sweep file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise C.ConfigError(f"sweep file {path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise C.ConfigError(f"sweep file {path} is nested too deeply") from None
+    except OSError as err:
+        raise C.ConfigError(f"sweep file {path} cannot be read: {err.strerror or err}") from None
     return sweep_from_table(raw, where, out=out, default_out=Path("sweeps") / path.stem)
 
 
