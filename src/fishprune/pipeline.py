@@ -96,7 +96,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, echo: Say | None = None
             say, show_progress = (lambda _msg: None), False
     main = world.is_main
     rd = RunDir.of(cfg)
-    problems = rd.verify(cfg) if main else []
+    problems = rd.verify(cfg, repair=True) if main else []
     if distributed.agree(bool(problems)):  # never resume from, or skip on, what was not written
         if main:
             moved = rd.quarantine()

@@ -54,6 +54,8 @@ EXPORTED = "pruned.safetensors"
 MANIFEST = "manifest.json"
 #: The artifacts recorded in the manifest (the stages' outputs).
 TRACKED = (CONFIG, PROVENANCE, MASKS_INFO, MASKS, LAYERS, CHECKPOINT, METRICS, BEST, RESULT)
+#: Artifacts an unfinished run may hold unrecorded after a kill (between write and record).
+RESUMABLE = (MASKS, CHECKPOINT, BEST, METRICS)
 #: Where run directories that fail verification are moved, under ``out``.
 QUARANTINE = "_corrupt"
 
@@ -158,10 +160,14 @@ class RunDir:
         except (ConfigError, TypeError) as err:
             raise RunDirError(f"{self.config}: {err}") from None
 
-    def verify(self, cfg: RunConfig | None = None) -> list[str]:
+    def verify(self, cfg: RunConfig | None = None, *, repair: bool = False) -> list[str]:
         """Every problem found (empty: the run directory is intact); see the module docstring.
 
         ``cfg`` is the configuration the caller expects (default: the one in ``config.json``).
+        In an unfinished run, a resumable artifact (masks, checkpoint, best weights, metrics)
+        that differs from its record but is itself intact (its own checksum verifies, or the
+        JSON parses) is a write that a kill cut off from its record, not corruption: it is no
+        problem, and ``repair=True`` records it (the resume then goes on from it).
         """
         if not self.path.is_dir() or not any(self.path.iterdir()):
             return []
@@ -173,8 +179,13 @@ class RunDir:
         if present and not manifest:
             return [f"{self.manifest} is missing: the artifacts cannot be verified"]
         problems = []
+        pending = []
         for name in sorted(set(present) | set(manifest)):
             path = self.path / name
+            if (name in RESUMABLE and RESULT not in present and path.is_file()
+                    and manifest.get(name) != atomic.sha256_file(path) and self._intact(name)):
+                pending.append(name)
+                continue
             if name not in manifest:
                 problems.append(f"{path} is not recorded in {MANIFEST}")
             elif not path.exists():
@@ -185,6 +196,8 @@ class RunDir:
                 problems.append(f"{path} does not match its checksum in {MANIFEST}")
         if problems or CONFIG not in present:
             return problems
+        if pending and repair:
+            self.record(*pending)
         try:
             stored = self.read_config()
         except RunDirError as err:
@@ -195,6 +208,19 @@ class RunDir:
         if cfg is not None and cfg.run_id() != stored.run_id():
             return [f"{self.config} is not the configuration of run {cfg.run_id()}"]
         return self._consistency(stored)
+
+    def _intact(self, name: str) -> bool:
+        """Whether artifact ``name`` is intact on its own (tensor files carry a checksum)."""
+        from fishprune import tensorfiles as tf
+
+        try:
+            if name.endswith(".safetensors"):
+                tf.read_file(self.path / name)
+            else:
+                self.read_json(name)
+        except (ValueError, RunDirError):
+            return False
+        return True
 
     def _consistency(self, cfg: RunConfig) -> list[str]:
         """Masks with the exact kept count, agreeing with ``layers.json`` and ``result.json``."""
