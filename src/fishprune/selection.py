@@ -1,9 +1,15 @@
-"""``select``: turn scores into masks that keep exactly the requested number of weights."""
+"""``select``: turn scores into masks that keep exactly the requested number of weights.
+
+:func:`select` is the one-shot rule; :class:`Survivors` applies the same rule round after round
+of an iterative schedule (:func:`fishprune.prune`) on flat, preallocated buffers.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,12 +53,7 @@ def select_density(scores: dict[str, Tensor], density: float, *, scope: str = "g
     for name, s in scores.items():
         if not isinstance(s, Tensor):
             raise ValueError(f"scores[{name!r}] is a {type(s).__name__}, expected a tensor")
-        nans = int(torch.isnan(s).sum())
-        if nans:
-            raise ValueError(
-                f"scores for {name} contain {nans} NaN value(s): the criterion failed on this "
-                "model or data (check the loss and inputs for NaN/inf)"
-            )
+        _reject_nan(name, int(torch.isnan(s).sum()))
     if scope == "layer":
         return {n: _top(s.reshape(-1), kept_count(density, s.numel())).reshape(s.shape)
                 for n, s in scores.items()}
@@ -69,6 +70,14 @@ def select_density(scores: dict[str, Tensor], density: float, *, scope: str = "g
     return masks
 
 
+def _reject_nan(name: str, nans: int) -> None:
+    if nans:
+        raise ValueError(
+            f"scores for {name} contain {nans} NaN value(s): the criterion failed on this "
+            "model or data (check the loss and inputs for NaN/inf)"
+        )
+
+
 def _top(flat: Tensor, k: int) -> Tensor:
     """Boolean mask of the k largest entries of a 1-D tensor, ties to the lowest index, O(n)."""
     n = flat.numel()
@@ -76,11 +85,124 @@ def _top(flat: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest value
+    threshold = _kth_smallest(flat, n - k)  # the k-th largest value
+    keep = flat >= threshold
+    if int(keep.sum()) == k:  # no surplus ties at the threshold (the usual case)
+        return keep
     above = flat > threshold
     ties = flat == threshold
     room = k - int(above.sum())
     return above | (ties & (torch.cumsum(ties, 0) <= room))
+
+
+def _kth_smallest(flat: Tensor, j: int) -> Tensor | float:
+    """The (j+1)-th smallest entry of a 1-D tensor without NaN (``kthvalue(flat, j + 1)``).
+
+    On the CPU, NumPy's introselect (``np.partition``) finds the same value several times faster
+    than ``torch.kthvalue`` (about 1 ms against 5-7 ms for 430,500 float64 scores on one core).
+    """
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        return float(np.partition(flat.numpy(), j)[j])
+    return torch.kthvalue(flat, j + 1).values
+
+
+class Survivors:
+    """The weights still alive during an iterative prune, as flat index sets.
+
+    Round after round, :meth:`update` keeps the top ``kept_count(density, ·)`` scores among
+    the live weights (of all tensors for ``scope="global"``, of each tensor for ``"layer"``),
+    ties to the lowest flat index: exactly the mask of :func:`select_density` on scores in which
+    every pruned weight ranks below every live one, and from the second update on a live score
+    of −inf counts as the lowest finite value of its dtype (so a live weight still outranks a
+    pruned one). Pruned weights never come back.
+
+    The work follows the live weights, not all N: the scores are copied into one preallocated
+    flat buffer, the live ones gathered by index, the threshold found by one selection over
+    them (:func:`_kth_smallest`), and the live index set compacted. Masks are views of one
+    flat buffer: :attr:`pruned` (per-tensor views, True = pruned) and :meth:`masks`.
+    """
+
+    def __init__(
+        self, shapes: dict[str, torch.Size], *, scope: str = "global",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if not shapes:
+            raise ValueError("scores is empty: nothing to select from")
+        self.names = list(shapes)
+        self.shapes = [torch.Size(s) for s in shapes.values()]
+        sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.total = sum(sizes)
+        spans = [(o, o + n) for o, n in zip(self.offsets, sizes)]
+        #: slices of the flat order that select separately: one for "global", one per tensor
+        self.groups = [(0, self.total)] if scope == "global" else spans
+        self._live: list[Tensor | None] = [None] * len(self.groups)  # None: all alive
+        self._dead = torch.zeros(self.total, dtype=torch.bool, device=device)
+        self.pruned = self._views(self._dead)
+        self._flat: Tensor | None = None
+        self._flat_views: list[Tensor] = []
+        self.updates = 0
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        return [flat[o : o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def update(self, scores: dict[str, Tensor], density: float) -> None:
+        """Keep the top ``density`` fraction (of each group) among the live weights."""
+        if list(scores) != self.names:
+            raise ValueError(f"scores have keys {list(scores)}, expected {self.names}")
+        values = list(scores.values())
+        dtype = torch.float64 if any(s.dtype == torch.float64 for s in values) else torch.float32
+        if self._flat is None or self._flat.dtype != dtype:
+            self._flat = torch.empty(self.total, dtype=dtype, device=self._dead.device)
+            self._flat_views = self._views(self._flat)
+        if all(s.device == self._dead.device for s in values):
+            torch._foreach_copy_(self._flat_views, [s.detach() for s in values])
+        else:
+            for view, s in zip(self._flat_views, values):
+                view.copy_(s.detach())
+        if self.updates:
+            self._lowest_finite_(values)
+        for group, (start, end) in enumerate(self.groups):
+            self._select(group, start, end, density)
+        self.updates += 1
+
+    def _lowest_finite_(self, values: Sequence[Tensor]) -> None:
+        """−inf → the lowest finite value of each score's own dtype (as :func:`_alive_first`
+        of the one-shot path did before widening to the selection dtype)."""
+        assert self._flat is not None
+        for view, s in zip(self._flat_views, values):
+            if s.dtype != self._flat.dtype:
+                view.clamp_min_(torch.finfo(s.dtype).min)
+        self._flat.clamp_min_(torch.finfo(self._flat.dtype).min)
+
+    def _select(self, group: int, start: int, end: int, density: float) -> None:
+        assert self._flat is not None
+        live = self._live[group]
+        segment = self._flat[start:end]
+        values = segment if live is None else segment.index_select(0, live)
+        if torch.isnan(values.sum()):  # cheap test; the exact count names the tensor
+            self._reject_nan()
+        k = kept_count(density, end - start)
+        if k >= values.numel():
+            return  # nothing to prune in this group this round
+        keep = _top(values, k)
+        if live is None:
+            gone, live = (~keep).nonzero().squeeze(1), keep.nonzero().squeeze(1)
+        else:
+            gone, live = live[~keep], live[keep]
+        self._dead[start:end].index_fill_(0, gone, True)
+        self._live[group] = live
+
+    def _reject_nan(self) -> None:
+        assert self._flat is not None
+        for name, view, dead in zip(self.names, self._flat_views, self.pruned):
+            _reject_nan(name, int((torch.isnan(view) & ~dead).sum()))
+
+    def masks(self) -> dict[str, Tensor]:
+        """``{name: BoolTensor}``, True = kept (a fresh flat buffer; later updates leave it)."""
+        return dict(zip(self.names, self._views(~self._dead)))
 
 
 def density_of(masks: dict[str, Tensor]) -> float:
