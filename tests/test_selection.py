@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import fishprune as fp
-import fishprune.schedule
 from fishprune.criteria import Criterion
 from fishprune.criteria._registry import REGISTRY, NoOptions
+from fishprune.selection import Survivors
 
 INF = math.inf
 
@@ -206,15 +206,15 @@ def adversary(model, params, batches, ctx, opts) -> dict[str, Tensor]:
 
 @pytest.fixture
 def record_rounds(monkeypatch) -> list[dict[str, Tensor]]:
+    """The masks after every round of ``fp.prune`` (each selection goes through Survivors)."""
     seen: list[dict[str, Tensor]] = []
-    original = fishprune.schedule.select_density
+    original = Survivors.update
 
-    def recorded(scores, density, *, scope="global"):
-        masks = original(scores, density, scope=scope)
-        seen.append(masks)
-        return masks
+    def recorded(self: Survivors, scores: dict[str, Tensor], density: float) -> None:
+        original(self, scores, density)
+        seen.append(self.masks())
 
-    monkeypatch.setattr(fishprune.schedule, "select_density", recorded)
+    monkeypatch.setattr(Survivors, "update", recorded)
     return seen
 
 
