@@ -101,6 +101,13 @@ def test_float64_scores_rank_in_float64() -> None:
     assert fp.select(scores, 0.5)["b"].item()  # 1 + 1e-12 > 1, invisible in float32
 
 
+def test_scores_that_require_grad_are_accepted() -> None:
+    scores = {"a": torch.tensor([0.3, 0.1, 0.2], requires_grad=True),
+              "b": torch.tensor([0.4, 0.0], dtype=torch.float64, requires_grad=True)}
+    assert fp.select(scores, 0.6)["b"].tolist() == [True, False]
+    assert fp.select(scores, 0.5, scope="layer")["a"].tolist() == [True, False, True]
+
+
 def test_masks_are_bool_with_the_scores_shapes() -> None:
     scores = {"a": torch.rand(2, 3, 4), "b": torch.rand(5)}
     for scope in ("global", "layer"):

@@ -123,7 +123,7 @@ def prune(
             survivors.update(_checked(raw, params, crit.name), round_density)
             with torch.no_grad():
                 for weight, pruned in zip(weights, survivors.pruned):
-                    weight.masked_fill_(pruned, 0)
+                    weight.masked_fill_(pruned.to(weight.device), 0)
     return survivors.masks()
 
 

@@ -102,7 +102,7 @@ def _kth_smallest(flat: Tensor, j: int) -> Tensor | float:
     than ``torch.kthvalue`` (about 1 ms against 5-7 ms for 430,500 float64 scores on one core).
     """
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        return float(np.partition(flat.numpy(), j)[j])
+        return float(np.partition(flat.detach().numpy(), j)[j])
     return torch.kthvalue(flat, j + 1).values
 
 
