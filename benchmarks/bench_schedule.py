@@ -4,7 +4,7 @@
         --fts-repo /tmp/Scalable_Second_Order_PaI --repeats 5 --threads 1 --out r.json
     python -m benchmarks.bench_schedule --quick ...        # smoke run (seconds)
 
-Three implementations of the same job are timed side by side on the same initial weights:
+Implementations of the same job are timed side by side on the same initial weights:
 
 - fishprune: ``fp.prune(model, "synflow", sparsity, None, input_shape=..., rounds=R)``;
 - Synaptic-Flow (Tanaka et al. 2020, ``--synflow-repo``, github ganguli-lab/Synaptic-Flow): its
@@ -17,9 +17,11 @@ Three implementations of the same job are timed side by side on the same initial
 A reference whose path is not given (or does not hold the expected files) is skipped with a note.
 Their code is imported from the given checkout, never copied here. To compare like with like:
 
-- both references run on a float64 copy of the model (fishprune's SynFlow computes in float64;
-  Synaptic-Flow left ``model.double()`` commented out), fed through a wrapper that casts the
-  all-ones input to float64 (their input is float32, which a float64 model would reject);
+- each reference runs twice: on a float64 copy of the model (fishprune's SynFlow computes in
+  float64; Synaptic-Flow left ``model.double()`` commented out), fed through a wrapper that casts
+  their float32 all-ones input to float64, and on the float32 model as their code ships;
+- the all-ones input, the eval mode and the |w| of every parameter and buffer are the same on
+  all sides (the three are the same algorithm);
 - every round keeps the same number of weights on all three sides: fishprune keeps
   round(d · N) (halves up), the references int(·); a shim on the references' selection call
   (``Pruner.mask`` resp. ``mask2binary``) translates the round's kept fraction into the argument
@@ -28,7 +30,10 @@ Their code is imported from the given checkout, never copied here. To compare li
   exponential schedule is otherwise driven by the pruned fraction; see REFERENCE.md);
 - the final masks of all three are compared and must be equal (reported per model).
 
-Each repeat runs the three in a rotating order on fresh copies (copying is not timed); a ratio
+Also timed, as fishprune's floor: the SynFlow score function alone, called R times on the dense
+model with its set-up done once (what is left when the schedule costs nothing).
+
+Each repeat runs the implementations in a rotating order on fresh copies (copying is not timed); a ratio
 is fishprune's time over a reference's time in the same repeat, and the table reports medians of
 the per-repeat ratios (after one untimed warm-up run of each), so machine load cancels out.
 """
@@ -55,21 +60,24 @@ import torch
 from torch import Tensor, nn
 
 import fishprune as fp
+from fishprune.criteria import Context, get_criterion
 from fishprune.models import build_model
+from fishprune.scoring import preserved
 from fishprune.selection import kept_count
 
 INPUT_SHAPE = (1, 28, 28)  # Fashion-MNIST-shaped inputs, as the other benchmarks
 
 
-class Float64Input(nn.Module):
-    """Runs ``net`` on its input cast to float64 (the references feed a float32 all-ones input)."""
+class CastInput(nn.Module):
+    """``net`` in ``dtype``, run on its input cast to ``dtype`` (the references feed float32)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.net = net
+        self.net = net.to(dtype)
+        self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.to(torch.float64))
+        return self.net(x.to(self.dtype))
 
 
 # --- reference adapters ----------------------------------------------------------------------
@@ -113,8 +121,8 @@ class SynapticFlow:
         loop.tqdm = _no_progress_bar
         self.prune_loop = loop.prune_loop
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """A float64 copy whose Linear/Conv2d layers are Synaptic-Flow's masked layers."""
+    def prepare(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A copy in ``dtype`` whose Linear/Conv2d layers are Synaptic-Flow's masked layers."""
         model = copy.deepcopy(model)
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
@@ -130,7 +138,7 @@ class SynapticFlow:
                     continue
                 new.load_state_dict(child.state_dict(), strict=False)  # weight_mask: ones
                 setattr(module, name, new)
-        return Float64Input(model).double()
+        return CastInput(model, dtype)
 
     def run(self, model: nn.Module, sparsity: float, rounds: int) -> dict[str, Tensor]:
         base = self.pruners.SynFlow
@@ -161,8 +169,8 @@ class SecondOrderPaI:
         if not hasattr(self.comp, "prune_loop"):
             raise ImportError(f"{path} has no prune_loop (use the 2502.11450 repository)")
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return Float64Input(copy.deepcopy(model)).double()
+    def prepare(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        return CastInput(copy.deepcopy(model), dtype)
 
     def run(self, model: nn.Module, sparsity: float, rounds: int) -> dict[str, Tensor]:
         prunable = {f"net.{n}" for n in fp.prunable_parameters(model.net)}
@@ -213,6 +221,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def criterion_only(model: nn.Module, rounds: int) -> None:
+    """``rounds`` calls of the SynFlow score function on the dense model, set up once."""
+    crit = get_criterion("synflow")
+    opts = crit.parse_options({"input_shape": INPUT_SHAPE})
+    params = fp.prunable_parameters(model)
+    ctx = Context(loss_fn=nn.functional.cross_entropy, seed=0)
+    with preserved(model, params):
+        for _ in range(rounds):
+            crit.fn(model, params, None, ctx, opts)
+
+
 def same_masks(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return list(a) == list(b) and all(torch.equal(a[n], b[n].to(a[n].device)) for n in a)
 
@@ -221,18 +240,26 @@ def bench_model(name: str, refs: list[Any], args: argparse.Namespace) -> dict[st
     torch.manual_seed(args.seed)
     model = build_model(name, in_channels=INPUT_SHAPE[0], num_classes=10,
                         image_size=INPUT_SHAPE[1]).eval()
-    templates = {"fishprune": model, **{r.label: r.prepare(model) for r in refs}}
+    templates: dict[str, nn.Module] = {"fishprune": model}
     runners: dict[str, Callable[[nn.Module], dict[str, Tensor]]] = {
         "fishprune": lambda m: fp.prune(m, "synflow", args.sparsity, None, rounds=args.rounds,
                                         input_shape=INPUT_SHAPE),
-        **{r.label: (lambda m, r=r: r.run(m, args.sparsity, args.rounds)) for r in refs},
     }
+    floor = "synflow criterion alone"  # R calls of the score function: fishprune's floor
+    templates[floor] = model
+    runners[floor] = lambda m: criterion_only(m, args.rounds)
+    for r in refs:
+        for dtype in args.reference_dtypes:
+            label = f"{r.label} {dtype}"
+            templates[label] = r.prepare(model, getattr(torch, dtype))
+            runners[label] = lambda m, r=r: r.run(m, args.sparsity, args.rounds)
     labels = list(runners)
     times: dict[str, list[float]] = {label: [] for label in labels}
+    labels.remove(floor)
     equal: dict[str, bool] = {label: True for label in labels[1:]}
     total = sum(p.numel() for p in fp.prunable_parameters(model).values())
     for rep in range(args.repeats + 1):  # repeat 0 is the untimed warm-up
-        order = labels[rep % len(labels):] + labels[: rep % len(labels)]
+        order = [*labels[rep % len(labels):], *labels[: rep % len(labels)], floor]
         masks = {}
         for label in order:
             victim = copy.deepcopy(templates[label])
@@ -248,6 +275,7 @@ def bench_model(name: str, refs: list[Any], args: argparse.Namespace) -> dict[st
     row: dict[str, Any] = {
         "model": name, "weights": total, "rounds": args.rounds, "sparsity": args.sparsity,
         "fishprune_s": statistics.median(times["fishprune"]), "references": {},
+        "criterion_s": statistics.median(times[floor]),
     }
     for label in labels[1:]:
         ratios = [a / b for a, b in zip(times["fishprune"], times[label])]
@@ -255,6 +283,10 @@ def bench_model(name: str, refs: list[Any], args: argparse.Namespace) -> dict[st
             "time_s": statistics.median(times[label]), "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "masks_equal": equal[label],
         }
+    if len(labels) > 1:  # against the fastest reference of each repeat
+        ratios = [times["fishprune"][i] / min(times[label][i] for label in labels[1:])
+                  for i in range(args.repeats)]
+        row["fastest_ratio"] = statistics.median(ratios)
     return row
 
 
@@ -300,7 +332,12 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 f"**{ref['ratio']:.2f}** ({ref['ratio_min']:.2f}-{ref['ratio_max']:.2f}) | "
                 f"{'yes' if ref['masks_equal'] else '**NO**'} |"
             )
-        if not r["references"]:
+        out.append(f"| {r['model']} | | | | ({r['criterion_s']:.3f}) | fishprune's SynFlow score "
+                   f"function alone, {r['rounds']} calls | | | |")
+        if "fastest_ratio" in r:
+            out.append(f"| {r['model']} | | | | | fastest reference of each repeat | | "
+                       f"**{r['fastest_ratio']:.2f}** | |")
+        else:
             out.append(f"| {r['model']} | {r['weights']:,} | {r['rounds']} | {r['sparsity']} | "
                        f"{r['fishprune_s']:.3f} | (none) | - | - | - |")
     return "\n".join(out) + "\n"
@@ -316,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fts-repo",
                    help="checkout of github.com/Gollini/Scalable_Second_Order_PaI (2502.11450)")
     p.add_argument("--models", default="lenet5,resnet20", help="comma-separated (%(default)s)")
+    p.add_argument("--reference-dtypes", default="float64,float32",
+                   help="precisions the references run in (%(default)s; float32 = as shipped)")
     p.add_argument("--rounds", type=int, default=100, help="SynFlow rounds (%(default)s)")
     p.add_argument("--sparsity", type=float, default=0.98, help="final sparsity (%(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (%(default)s)")
@@ -327,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.rounds = 1, 5
     args.models = args.models.split(",")
+    args.reference_dtypes = args.reference_dtypes.split(",")
+    if not set(args.reference_dtypes) <= {"float64", "float32"}:
+        p.error("--reference-dtypes takes float64 and/or float32")
     return args
 
 
