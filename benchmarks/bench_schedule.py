@@ -21,21 +21,23 @@ Their code is imported from the given checkout, never copied here. To compare li
   float64; Synaptic-Flow left ``model.double()`` commented out), fed through a wrapper that casts
   their float32 all-ones input to float64, and on the float32 model as their code ships;
 - the all-ones input, the eval mode and the |w| of every parameter and buffer are the same on
-  all sides (the three are the same algorithm);
-- every round keeps the same number of weights on all three sides: fishprune keeps
+  all sides (it is one algorithm); the references' ``tqdm`` progress bars are replaced by a
+  pass-through, so their loops cost what their maths costs;
+- every round keeps the same number of weights on all sides: fishprune keeps
   round(d · N) (halves up), the references int(·); a shim on the references' selection call
   (``Pruner.mask`` resp. ``mask2binary``) translates the round's kept fraction into the argument
   for which their own rule keeps fishprune's count. It costs one float computation per round.
   The second paper's ``prune_loop`` receives the kept fraction d as ``sparsity`` (its
   exponential schedule is otherwise driven by the pruned fraction; see REFERENCE.md);
-- the final masks of all three are compared and must be equal (reported per model).
+- the final masks are compared with fishprune's and must be equal (reported per reference).
 
 Also timed, as fishprune's floor: the SynFlow score function alone, called R times on the dense
 model with its set-up done once (what is left when the schedule costs nothing).
 
-Each repeat runs the implementations in a rotating order on fresh copies (copying is not timed); a ratio
-is fishprune's time over a reference's time in the same repeat, and the table reports medians of
-the per-repeat ratios (after one untimed warm-up run of each), so machine load cancels out.
+Each repeat runs the implementations in a rotating order on fresh copies (copying is not
+timed); a ratio is fishprune's time over a reference's time in the same repeat, and the table
+reports medians of the per-repeat ratios (after one untimed warm-up run of each), so that slow
+drifts of the machine's load affect both sides of a ratio alike.
 """
 
 from __future__ import annotations
