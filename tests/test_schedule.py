@@ -133,7 +133,7 @@ def build(name: str) -> nn.Module:
     if name == "counter":
         return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), Counter(), nn.Tanh(),
                              nn.Linear(16, 3))
-    if name == "cnn_bn":
+    if name in ("cnn_bn", "cnn_cl"):
         model = nn.Sequential(
             nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
             nn.Conv2d(6, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
@@ -145,6 +145,9 @@ def build(name: str) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 1.5)
+    if name == "cnn_cl":  # channels-last: the convolution weights are not contiguous
+        model.to(memory_format=torch.channels_last)
+        assert not model[0].weight.is_contiguous()
     return model
 
 
@@ -233,6 +236,8 @@ CASES = [
     ("cnn_bn", "adversary", 6, "layer", "linear", "eval", {}),
     ("mlp", "moody", 4, "global", "exponential", "train", {}),
     ("cnn_bn", "backward", 4, "global", "exponential", "eval", {}),
+    ("cnn_cl", "snip", 4, "global", "exponential", "eval", {}),
+    ("cnn_cl", "magnitude", 3, "layer", "linear", "eval", {}),
 ]
 
 

@@ -121,9 +121,17 @@ def prune(
                 raw = crit.fn(model, params, data, ctx, opts)
             rewind()
             survivors.update(_checked(raw, params, crit.name), round_density)
+            # Zero the weights pruned in this round; those of earlier rounds are zero already
+            # (a criterion leaves the weights as it found them: tests/test_criteria_contract.py).
             with torch.no_grad():
-                for weight, pruned in zip(weights, survivors.pruned):
-                    weight.masked_fill_(pruned.to(weight.device), 0)
+                for weight, gone, pruned in zip(weights, survivors.just_pruned,
+                                                survivors.pruned):
+                    if gone is None:
+                        continue
+                    if weight.is_contiguous():
+                        weight.view(-1).index_fill_(0, gone.to(weight.device), 0)
+                    else:
+                        weight.masked_fill_(pruned.to(weight.device), 0)
     return survivors.masks()
 
 

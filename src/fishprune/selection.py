@@ -6,6 +6,7 @@ of an iterative schedule (:func:`fishprune.prune`) on flat, preallocated buffers
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -119,7 +120,9 @@ class Survivors:
     The work follows the live weights, not all N: the scores are copied into one preallocated
     flat buffer, the live ones gathered by index, the threshold found by one selection over
     them (:func:`_kth_smallest`), and the live index set compacted. Masks are views of one
-    flat buffer: :attr:`pruned` (per-tensor views, True = pruned) and :meth:`masks`.
+    flat buffer: :attr:`pruned` (per-tensor views, True = pruned) and :meth:`masks`;
+    :attr:`just_pruned` holds, per tensor, the flat indices the last update pruned, so that a
+    schedule zeroes only those weights (the earlier ones are zero already).
     """
 
     def __init__(
@@ -141,6 +144,9 @@ class Survivors:
         self._live: list[Tensor | None] = [None] * len(self.groups)  # None: all alive
         self._dead = torch.zeros(self.total, dtype=torch.bool, device=device)
         self.pruned = self._views(self._dead)
+        #: per tensor, the flat indices of its weights pruned by the last update (None: none)
+        self.just_pruned: list[Tensor | None] = [None] * len(self.shapes)
+        self._starts = torch.tensor(self.offsets, device=device)
         self._flat: Tensor | None = None
         self._flat_views: list[Tensor] = []
         self.updates = 0
@@ -164,6 +170,7 @@ class Survivors:
                 view.copy_(s.detach())
         if self.updates:
             self._lowest_finite_(values)
+        self.just_pruned = [None] * len(self.shapes)
         for group, (start, end) in enumerate(self.groups):
             self._select(group, start, end, density)
         self.updates += 1
@@ -194,6 +201,13 @@ class Survivors:
             gone, live = live[~keep], live[keep]
         self._dead[start:end].index_fill_(0, gone, True)
         self._live[group] = live
+        if len(self.groups) > 1:  # "layer": the group is one tensor
+            self.just_pruned[group] = gone
+            return
+        bounds = [*torch.searchsorted(gone, self._starts).tolist(), gone.numel()]
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if b > a:
+                self.just_pruned[i] = gone[a:b] - self.offsets[i]
 
     def _reject_nan(self) -> None:
         assert self._flat is not None
