@@ -260,6 +260,33 @@ def test_prune_is_bit_identical_to_the_reference_loop(
     assert_same_state(ours, theirs)
 
 
+@pytest.mark.parametrize("start", ["train", "eval"])
+@pytest.mark.parametrize(("criterion", "mode", "rounds"),
+                         [("synflow", "eval", 5), ("fts", "train", 3), ("snip", "eval", 1)])
+def test_prune_leaves_all_but_the_pruned_weights_as_found(criterion, mode, rounds,
+                                                          start) -> None:
+    """Flags, ``requires_grad``, ``.grad`` (the same objects), buffers and live weights."""
+    model = build("resnet")
+    model.train(start == "train")
+    model.bn1.train(start != "train")
+    model.conv2.weight.requires_grad_(False)
+    model.fc.bias.requires_grad_(False)
+    grad = torch.full_like(model.conv1.weight, 0.25)
+    model.conv1.weight.grad = grad
+    params = [(n, p, p.detach().clone(), p.requires_grad, p.grad)
+              for n, p in model.named_parameters()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    modes = [m.training for m in model.modules()]
+    masks = fp.prune(model, criterion, 0.8, batches(), rounds=rounds, mode=mode)
+    for name, p, value, flag, g in params:
+        assert p.requires_grad == flag and p.grad is g, name
+        expected = value * masks[name] if name in masks else value
+        assert torch.equal(p.detach(), expected), name
+    assert torch.equal(grad, torch.full_like(grad, 0.25))
+    assert all(torch.equal(b, value) for b, value in buffers)
+    assert [m.training for m in model.modules()] == modes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_name", "scope"), [("lenet5", "global"), ("resnet20", "global"),
                                                    ("resnet20", "layer")])
