@@ -306,6 +306,7 @@ def environment(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.bench_schedule", *sys.argv[1:]]),
         "fishprune": fp.__version__, "fishprune_commit": git_commit(Path(__file__).parent),
+        "fishprune_source": str(Path(fp.__file__).parent),
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
         "cpu_cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
         "load_before": round(os.getloadavg()[0], 2), "references": notes,
@@ -316,8 +317,9 @@ def environment(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
 def markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     out = [
         f"Command: `{env['command']}`  ",
-        f"Date: {env['date']}; fishprune {env['fishprune']} ({env['fishprune_commit']}), "
-        f"torch {env['torch']}, Python {env['python']}  ",
+        f"Date: {env['date']}; fishprune {env['fishprune']} from {env['fishprune_source']} "
+        f"(this checkout: {env['fishprune_commit']}), torch {env['torch']}, "
+        f"Python {env['python']}  ",
         f"Machine: {env['cpu']}, {env['cpu_cores']} cores, torch threads = {env['threads']}; "
         f"1-min load average {env['load_before']} before, {env.get('load_after')} after  ",
         *[f"{note}  " for note in env["references"]],
