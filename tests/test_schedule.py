@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fishprune as fp
+import fishprune.selection
 from fishprune.criteria import Criterion
 from fishprune.criteria._registry import REGISTRY, NoOptions
 from fishprune.models import build_model
@@ -241,11 +242,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Selection passes on NumPy views of CPU tensors (the default) or with torch ops (as on
+    a GPU)."""
+    monkeypatch.setattr(fishprune.selection, "USE_NUMPY", request.param == "numpy")
+    return request.param
+
+
 @pytest.mark.parametrize(("model_name", "criterion", "rounds", "scope", "schedule", "mode",
                           "options"), CASES, ids=["-".join(map(str, c[:6])) for c in CASES])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_prune_is_bit_identical_to_the_reference_loop(
-    model_name, criterion, rounds, scope, schedule, mode, options, seed, with_adversary,
+    model_name, criterion, rounds, scope, schedule, mode, options, seed, with_adversary, backend,
 ) -> None:
     dtype = torch.float64 if model_name == "mlp64" else torch.float32
     data = batches(dtype)
@@ -345,11 +354,17 @@ def score_sequences(draw) -> tuple[list[dict[str, Tensor]], list[float]]:
     return sequence, densities
 
 
-@settings(max_examples=200, deadline=None)
-@given(case=score_sequences(), scope=st.sampled_from(["global", "layer"]))
-def test_survivors_equal_the_reference_selection_round_by_round(case, scope: str) -> None:
+@settings(max_examples=150, deadline=None)
+@given(case=score_sequences(), scope=st.sampled_from(["global", "layer"]),
+       numpy=st.booleans())
+def test_survivors_equal_the_reference_selection_round_by_round(case, scope: str,
+                                                                numpy: bool) -> None:
     sequence, densities = case
-    survivors = Survivors({n: s.shape for n, s in sequence[0].items()}, scope=scope)
+    fishprune.selection.USE_NUMPY = numpy
+    try:
+        survivors = Survivors({n: s.shape for n, s in sequence[0].items()}, scope=scope)
+    finally:
+        fishprune.selection.USE_NUMPY = True
     masks = None
     for scores, density in zip(sequence, densities):
         if masks is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -86,25 +85,65 @@ def _top(flat: Tensor, k: int) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
-    threshold = _kth_smallest(flat, n - k)  # the k-th largest value
-    keep = flat >= threshold
-    if int(keep.sum()) == k:  # no surplus ties at the threshold (the usual case)
+    if _numpy_ok(flat):
+        return torch.from_numpy(_top_k(flat.detach().numpy(), k))
+    return _top_k(flat, k)
+
+
+# --- 1-D array passes, on NumPy views of CPU tensors or on tensors -------------------------------
+#
+# NumPy's one-thread kernels for these passes are several times faster than torch's on the CPU
+# (430,500 float64 scores, one core: selection 1 ms against 5-7 ms for torch.kthvalue, counting
+# a bool mask ~40× and compacting an index set ~2.5× faster), and a CPU tensor's NumPy view
+# costs nothing. Both give exactly the same values, so the masks do not depend on the path.
+
+Array = Tensor | np.ndarray
+
+#: use NumPy views for CPU tensors (tests switch it off to run the torch path on the CPU)
+USE_NUMPY = True
+
+
+def _numpy_ok(t: Tensor) -> bool:
+    return USE_NUMPY and t.device.type == "cpu" and t.dtype in (
+        torch.float32, torch.float64, torch.bool, torch.int64)
+
+
+def _top_k(values: Array, k: int) -> Array:
+    """Mask of the k largest of n values (0 < k < n, no NaN), ties to the lowest index."""
+    threshold = _kth_smallest(values, len(values) - k)  # the k-th largest value
+    keep = values >= threshold
+    if _count(keep) == k:  # no surplus ties at the threshold (the usual case)
         return keep
-    above = flat > threshold
-    ties = flat == threshold
-    room = k - int(above.sum())
-    return above | (ties & (torch.cumsum(ties, 0) <= room))
+    above = values > threshold
+    ties = values == threshold
+    return above | (ties & (ties.cumsum(0) <= k - _count(above)))
 
 
-def _kth_smallest(flat: Tensor, j: int) -> Tensor | float:
-    """The (j+1)-th smallest entry of a 1-D tensor without NaN (``kthvalue(flat, j + 1)``).
+def _kth_smallest(values: Array, j: int) -> Tensor | np.generic:
+    """The (j+1)-th smallest value (``torch.kthvalue(values, j + 1)``), in the values' dtype."""
+    if isinstance(values, np.ndarray):
+        return np.partition(values, j)[j]  # introselect
+    return torch.kthvalue(values, j + 1).values
 
-    On the CPU, NumPy's introselect (``np.partition``) finds the same value several times faster
-    than ``torch.kthvalue`` (about 1 ms against 5-7 ms for 430,500 float64 scores on one core).
-    """
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        return float(np.partition(flat.detach().numpy(), j)[j])
-    return torch.kthvalue(flat, j + 1).values
+
+def _count(mask: Array) -> int:
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(mask.sum())
+
+
+def _indices(mask: Array) -> Array:
+    return np.flatnonzero(mask) if isinstance(mask, np.ndarray) else mask.nonzero().squeeze(1)
+
+
+def _has_nan(values: Array) -> bool:
+    """Whether a NaN may be present (a sum is NaN too for +inf with −inf: check exactly then)."""
+    if isinstance(values, np.ndarray):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isnan(values.sum()))
+    return bool(torch.isnan(values.sum()))
+
+
+def _tensor(a: Array) -> Tensor:
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
 
 
 class Survivors:
@@ -119,10 +158,11 @@ class Survivors:
 
     The work follows the live weights, not all N: the scores are copied into one preallocated
     flat buffer, the live ones gathered by index, the threshold found by one selection over
-    them (:func:`_kth_smallest`), and the live index set compacted. Masks are views of one
-    flat buffer: :attr:`pruned` (per-tensor views, True = pruned) and :meth:`masks`;
-    :attr:`just_pruned` holds, per tensor, the flat indices the last update pruned, so that a
-    schedule zeroes only those weights (the earlier ones are zero already).
+    them (:func:`_kth_smallest`), and the live index set compacted (on NumPy views of the
+    buffers on the CPU). Masks are views of one flat buffer: :attr:`pruned` (per-tensor views,
+    True = pruned) and :meth:`masks`; :attr:`just_pruned` holds, per tensor, the flat indices
+    the last update pruned, so that a schedule zeroes only those weights (the earlier ones are
+    zero already).
     """
 
     def __init__(
@@ -141,13 +181,17 @@ class Survivors:
         spans = [(o, o + n) for o, n in zip(self.offsets, sizes)]
         #: slices of the flat order that select separately: one for "global", one per tensor
         self.groups = [(0, self.total)] if scope == "global" else spans
-        self._live: list[Tensor | None] = [None] * len(self.groups)  # None: all alive
         self._dead = torch.zeros(self.total, dtype=torch.bool, device=device)
         self.pruned = self._views(self._dead)
         #: per tensor, the flat indices of its weights pruned by the last update (None: none)
         self.just_pruned: list[Tensor | None] = [None] * len(self.shapes)
-        self._starts = torch.tensor(self.offsets, device=device)
+        self._numpy = _numpy_ok(self._dead)
+        self._dead_a: Array = self._dead.numpy() if self._numpy else self._dead
+        self._starts: Array = (np.asarray(self.offsets) if self._numpy
+                               else torch.tensor(self.offsets, device=device))
+        self._live: list[Array | None] = [None] * len(self.groups)  # None: all alive
         self._flat: Tensor | None = None
+        self._flat_a: Array | None = None
         self._flat_views: list[Tensor] = []
         self.updates = 0
 
@@ -162,55 +206,57 @@ class Survivors:
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in values) else torch.float32
         if self._flat is None or self._flat.dtype != dtype:
             self._flat = torch.empty(self.total, dtype=dtype, device=self._dead.device)
+            self._flat_a = self._flat.numpy() if self._numpy else self._flat
             self._flat_views = self._views(self._flat)
         if all(s.device == self._dead.device for s in values):
             torch._foreach_copy_(self._flat_views, [s.detach() for s in values])
         else:
             for view, s in zip(self._flat_views, values):
                 view.copy_(s.detach())
-        if self.updates:
-            self._lowest_finite_(values)
+        if self.updates:  # −inf → the lowest finite value of the score's own dtype (below)
+            for view, s in zip(self._flat_views, values):
+                if s.dtype != dtype:
+                    view.clamp_min_(torch.finfo(s.dtype).min)
         self.just_pruned = [None] * len(self.shapes)
         for group, (start, end) in enumerate(self.groups):
             self._select(group, start, end, density)
         self.updates += 1
 
-    def _lowest_finite_(self, values: Sequence[Tensor]) -> None:
-        """−inf → the lowest finite value of each score's own dtype (as :func:`_alive_first`
-        of the one-shot path did before widening to the selection dtype)."""
-        assert self._flat is not None
-        for view, s in zip(self._flat_views, values):
-            if s.dtype != self._flat.dtype:
-                view.clamp_min_(torch.finfo(s.dtype).min)
-        self._flat.clamp_min_(torch.finfo(self._flat.dtype).min)
-
     def _select(self, group: int, start: int, end: int, density: float) -> None:
-        assert self._flat is not None
+        assert self._flat is not None and self._flat_a is not None
         live = self._live[group]
-        segment = self._flat[start:end]
-        values = segment if live is None else segment.index_select(0, live)
-        if torch.isnan(values.sum()):  # cheap test; the exact count names the tensor
+        segment = self._flat_a[start:end]
+        values = segment if live is None else segment[live]
+        if self.updates:  # as the one-shot path's alive-first scores, clamped before ranking
+            lowest = torch.finfo(self._flat.dtype).min
+            if isinstance(values, np.ndarray):
+                np.maximum(values, lowest, out=values)
+            else:
+                values.clamp_min_(lowest)
+        if _has_nan(values):
             self._reject_nan()
         k = kept_count(density, end - start)
-        if k >= values.numel():
+        if k >= len(values):
             return  # nothing to prune in this group this round
-        keep = _top(values, k)
+        keep = _top_k(values, k) if k > 0 else values != values  # (no NaN: all False)
         if live is None:
-            gone, live = (~keep).nonzero().squeeze(1), keep.nonzero().squeeze(1)
+            gone, live = _indices(~keep), _indices(keep)
         else:
             gone, live = live[~keep], live[keep]
-        self._dead[start:end].index_fill_(0, gone, True)
+        self._dead_a[start:end][gone] = True
         self._live[group] = live
         if len(self.groups) > 1:  # "layer": the group is one tensor
-            self.just_pruned[group] = gone
+            self.just_pruned[group] = _tensor(gone)
             return
-        bounds = [*torch.searchsorted(gone, self._starts).tolist(), gone.numel()]
+        if isinstance(gone, np.ndarray):
+            bounds = [*np.searchsorted(gone, self._starts).tolist(), len(gone)]
+        else:
+            bounds = [*torch.searchsorted(gone, self._starts).tolist(), len(gone)]
         for i, (a, b) in enumerate(itertools.pairwise(bounds)):
             if b > a:
-                self.just_pruned[i] = gone[a:b] - self.offsets[i]
+                self.just_pruned[i] = _tensor(gone[a:b] - self.offsets[i])
 
     def _reject_nan(self) -> None:
-        assert self._flat is not None
         for name, view, dead in zip(self.names, self._flat_views, self.pruned):
             _reject_nan(name, int((torch.isnan(view) & ~dead).sum()))
 
