@@ -378,6 +378,23 @@ def test_survivors_equal_the_reference_selection_round_by_round(case, scope: str
         assert all(torch.equal(p, ~m) for p, m in zip(survivors.pruned, masks.values()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numpy", [True, False])
+def test_survivors_tie_a_live_minus_inf_with_the_lowest_finite_value(dtype, numpy,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setattr(fishprune.selection, "USE_NUMPY", numpy)
+    lowest = torch.finfo(dtype).min
+    scores = {"a": torch.tensor([-INF, lowest, 1.0], dtype=dtype)}
+    survivors = Survivors({"a": scores["a"].shape})
+    survivors.update(scores, 1.0)  # first update: −inf ranks below the lowest finite value
+    assert survivors.masks()["a"].tolist() == [True, True, True]
+    survivors.update(scores, 2 / 3)  # later: they tie, and the lower index stays
+    assert survivors.masks()["a"].tolist() == [True, False, True]
+    fresh = Survivors({"a": scores["a"].shape})
+    fresh.update(scores, 2 / 3)
+    assert fresh.masks()["a"].tolist() == [False, True, True]
+
+
 def test_survivors_rank_a_live_minus_inf_as_the_lowest_value_of_its_own_dtype() -> None:
     f32_min = torch.finfo(torch.float32).min
     scores = {"a": torch.tensor([-INF, f32_min, 1.0]), "b": torch.tensor([2.0],

@@ -134,6 +134,15 @@ def _indices(mask: Array) -> Array:
     return np.flatnonzero(mask) if isinstance(mask, np.ndarray) else mask.nonzero().squeeze(1)
 
 
+def _all_finite(values: Array) -> bool:
+    """True when the sum is finite, which it is not if any value is ±inf or NaN (an overflow
+    also makes it infinite: then the caller checks exactly)."""
+    if isinstance(values, np.ndarray):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(values.sum()))
+    return bool(torch.isfinite(values.sum()))
+
+
 def _has_nan(values: Array) -> bool:
     """Whether a NaN may be present (a sum is NaN too for +inf with −inf: check exactly then)."""
     if isinstance(values, np.ndarray):
@@ -227,14 +236,15 @@ class Survivors:
         live = self._live[group]
         segment = self._flat_a[start:end]
         values = segment if live is None else segment[live]
-        if self.updates:  # as the one-shot path's alive-first scores, clamped before ranking
-            lowest = torch.finfo(self._flat.dtype).min
-            if isinstance(values, np.ndarray):
-                np.maximum(values, lowest, out=values)
-            else:
-                values.clamp_min_(lowest)
-        if _has_nan(values):
-            self._reject_nan()
+        if not _all_finite(values):  # else: no −inf to clamp, no NaN (one pass, usually)
+            if self.updates:  # as the one-shot path's alive-first scores, clamped to rank
+                lowest = torch.finfo(self._flat.dtype).min
+                if isinstance(values, np.ndarray):
+                    np.maximum(values, lowest, out=values)
+                else:
+                    values.clamp_min_(lowest)
+            if _has_nan(values):
+                self._reject_nan()
         k = kept_count(density, end - start)
         if k >= len(values):
             return  # nothing to prune in this group this round
