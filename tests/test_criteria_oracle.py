@@ -18,8 +18,7 @@ from torch.nn import functional as F
 
 import fishprune as fp
 import fishprune.autograd
-import fishprune.schedule
-from fishprune.selection import kept_count
+from fishprune.selection import Survivors, kept_count
 
 GRADIENT_CRITERIA = ("gn", "snip", "fd", "fp", "fts", "fbss")
 
@@ -415,14 +414,13 @@ def test_synflow_schedule_is_exponential_in_the_kept_fraction(monkeypatch) -> No
                           nn.Linear(30, 10))
     total = sum(p.numel() for p in fp.prunable_parameters(model).values())
     seen: list[tuple[float, dict]] = []
-    original = fishprune.schedule.select_density
+    original = Survivors.update
 
-    def recorded(scores, density, *, scope="global"):
-        masks = original(scores, density, scope=scope)
-        seen.append((density, masks))
-        return masks
+    def recorded(self: Survivors, scores: dict, density: float) -> None:
+        original(self, scores, density)
+        seen.append((density, self.masks()))
 
-    monkeypatch.setattr(fishprune.schedule, "select_density", recorded)
+    monkeypatch.setattr(Survivors, "update", recorded)
     sparsity, rounds = 0.98, 100
     masks = fp.prune(model, "synflow", sparsity, None, input_shape=(20,))
     assert len(seen) == rounds  # synflow's default

@@ -194,3 +194,27 @@ def test_init_key_needs_no_data() -> None:
                                                                  "epochs": 3, "lr": 0.5}))
     assert cachekeys.init_key(a) != cachekeys.init_key(S.build({"dataset": "synthetic"}))
     assert cachekeys.init_key(a) != cachekeys.init_key(S.build({"dataset": "mnist", "seed": 1}))
+
+
+def test_schedule_signed_and_bn_momentum_reach_the_run(tmp_path: Path) -> None:
+    """The new library parameters are run settings: they change the id only when set, and the
+    run uses them (signed FTS keeps another mask; the EMA BN pass another warm-up)."""
+    base = {"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 0,
+            "out": str(tmp_path)}
+    assert S.build({**base, "schedule": "exponential"}).run_id() == S.build(base).run_id()
+    assert S.build({**base, "schedule": "linear"}).run_id() != S.build(base).run_id()
+    plain, signed = S.build(base), S.build({**base, "signed": True})
+    assert signed.prune.options == {"signed": True}
+    from fishprune import pipeline
+    from fishprune import tensorfiles as tf
+
+    masks = []
+    for cfg in (plain, signed):
+        pipeline.run(cfg, show_progress=False)
+        masks.append(tf.load_masks(cfg.directory() / "masks.safetensors"))
+    assert any(not (masks[0][n] == masks[1][n]).all() for n in masks[0])
+    with pytest.raises(C.ConfigError, match="bn_momentum"):
+        S.build({**base, "bn_momentum": 0.0})
+    bn = {**base, "model": "vgg11", "width": 0.125, "bn_warmup": True}
+    assert cachekeys.warmup_key(S.build(bn), "cpu") != cachekeys.warmup_key(
+        S.build({**bn, "bn_momentum": 0.1}), "cpu")

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import fishprune as fp
-import fishprune.schedule
+import fishprune.selection
 from fishprune.criteria import Criterion
 from fishprune.criteria._registry import REGISTRY, NoOptions
+from fishprune.selection import Survivors
 
 INF = math.inf
 
@@ -101,6 +102,20 @@ def test_float64_scores_rank_in_float64() -> None:
     assert fp.select(scores, 0.5)["b"].item()  # 1 + 1e-12 > 1, invisible in float32
 
 
+def test_layer_scope_ranks_in_the_scores_own_dtype() -> None:
+    big = torch.tensor([2**60 + 1, 2**60, 2**60 + 2, 5], dtype=torch.int64)  # not in float64
+    assert fp.select({"a": big}, 0.5, scope="layer")["a"].tolist() == [True, False, True, False]
+    half = torch.tensor([0.5, 0.25, 1.0, 0.25], dtype=torch.bfloat16)
+    assert fp.select({"a": half}, 0.5, scope="layer")["a"].tolist() == [True, False, True, False]
+
+
+def test_scores_that_require_grad_are_accepted() -> None:
+    scores = {"a": torch.tensor([0.3, 0.1, 0.2], requires_grad=True),
+              "b": torch.tensor([0.4, 0.0], dtype=torch.float64, requires_grad=True)}
+    assert fp.select(scores, 0.6)["b"].tolist() == [True, False]
+    assert fp.select(scores, 0.5, scope="layer")["a"].tolist() == [True, False, True]
+
+
 def test_masks_are_bool_with_the_scores_shapes() -> None:
     scores = {"a": torch.rand(2, 3, 4), "b": torch.rand(5)}
     for scope in ("global", "layer"):
@@ -156,21 +171,31 @@ def assert_top_with_ties_in_order(scores: Tensor, mask: Tensor) -> None:
         assert kept_tied.max() < pruned_tied.min()
 
 
+def select_with(scores: dict[str, Tensor], sparsity: float, *, numpy: bool,
+                scope: str = "global") -> dict[str, Tensor]:
+    """``fp.select`` on NumPy views of the scores (the CPU default) or with torch ops only."""
+    fishprune.selection.USE_NUMPY = numpy
+    try:
+        return fp.select(scores, sparsity, scope=scope)
+    finally:
+        fishprune.selection.USE_NUMPY = True
+
+
 @settings(max_examples=150, deadline=None)
-@given(scores=score_dicts(), per_mille=st.integers(0, 999))
-def test_property_global(scores: dict[str, Tensor], per_mille: int) -> None:
+@given(scores=score_dicts(), per_mille=st.integers(0, 999), numpy=st.booleans())
+def test_property_global(scores: dict[str, Tensor], per_mille: int, numpy: bool) -> None:
     sparsity = per_mille / 1000
-    masks = fp.select(scores, sparsity)
+    masks = select_with(scores, sparsity, numpy=numpy)
     total = sum(s.numel() for s in scores.values())
     assert kept(masks) == expected_kept(sparsity, total)
     assert_top_with_ties_in_order(flat(scores), flat(masks).bool())
 
 
 @settings(max_examples=150, deadline=None)
-@given(scores=score_dicts(), per_mille=st.integers(0, 999))
-def test_property_layer(scores: dict[str, Tensor], per_mille: int) -> None:
+@given(scores=score_dicts(), per_mille=st.integers(0, 999), numpy=st.booleans())
+def test_property_layer(scores: dict[str, Tensor], per_mille: int, numpy: bool) -> None:
     sparsity = per_mille / 1000
-    masks = fp.select(scores, sparsity, scope="layer")
+    masks = select_with(scores, sparsity, numpy=numpy, scope="layer")
     for name, s in scores.items():
         assert int(masks[name].sum()) == expected_kept(sparsity, s.numel())
         assert_top_with_ties_in_order(s.reshape(-1).double(), masks[name].reshape(-1))
@@ -206,15 +231,15 @@ def adversary(model, params, batches, ctx, opts) -> dict[str, Tensor]:
 
 @pytest.fixture
 def record_rounds(monkeypatch) -> list[dict[str, Tensor]]:
+    """The masks after every round of ``fp.prune`` (each selection goes through Survivors)."""
     seen: list[dict[str, Tensor]] = []
-    original = fishprune.schedule.select_density
+    original = Survivors.update
 
-    def recorded(scores, density, *, scope="global"):
-        masks = original(scores, density, scope=scope)
-        seen.append(masks)
-        return masks
+    def recorded(self: Survivors, scores: dict[str, Tensor], density: float) -> None:
+        original(self, scores, density)
+        seen.append(self.masks())
 
-    monkeypatch.setattr(fishprune.schedule, "select_density", recorded)
+    monkeypatch.setattr(Survivors, "update", recorded)
     return seen
 
 

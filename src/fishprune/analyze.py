@@ -151,6 +151,7 @@ def analyze(cfg: RunConfig, sparsities: Sequence[float] = DEFAULT_SPARSITIES, *,
     def prune_at(s: float) -> dict[str, Tensor]:
         probe = copy.deepcopy(model)
         return fp.prune(probe, p.criterion, s, batches, rounds=rounds, scope=p.scope,
+                        schedule=p.schedule,
                         on_round=lambda _r, _n: bar.update(1), on_empty="ignore", **common)
 
     # The bisection decides how many probes (of ``rounds`` rounds each) it needs: no total.

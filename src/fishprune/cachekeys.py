@@ -66,7 +66,10 @@ def warmup_key(cfg: RunConfig, device_type: str) -> str | None:
     if cfg.data.dataset in DATA_DIR_IS_DATA:  # the folder is the data
         data["data_dir"] = cfg.data.data_dir
     train = {k: v for k, v in asdict(cfg.train).items() if k != "epochs"}
-    return digest(["warmup", _model(cfg), data, asdict(w), train, cfg.seed, device_type])
+    warmup = asdict(w)
+    if warmup.get("bn_momentum") is None:  # settings added later count only when set
+        warmup.pop("bn_momentum", None)
+    return digest(["warmup", _model(cfg), data, warmup, train, cfg.seed, device_type])
 
 
 def init_path(cfg: RunConfig) -> Path:

@@ -151,10 +151,15 @@ class WarmupConfig:
 
     warmup_epochs: int = 0  # dense training epochs before pruning (FTS paper)
     bn_warmup: bool = False  # one train-mode pass without gradients to refresh BN statistics
+    bn_momentum: float | None = None  # BN pass: None = cumulative average; m = the authors' EMA
 
     def validate(self) -> None:
         if self.warmup_epochs < 0:
             _fail(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
+        if self.bn_momentum is not None:
+            _check_range("bn_momentum", self.bn_momentum, 0.0, 1.0)
+            if self.bn_momentum == 0:
+                _fail("bn_momentum must be in (0, 1] (None: the cumulative average); got 0.0")
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class PruneConfig:
     sparsity: float = 0.98  # pruned fraction; 0 trains the dense network
     scope: str = "global"
     rounds: int | None = None  # None: the criterion's default (100 for synflow, else 1)
+    schedule: str = "exponential"  # kept fraction over the rounds: d^(r/R) or linear
     score_samples: int | None = None  # samples per class for scoring; None: the whole split
     score_batch_size: int = 128
     score_mode: str = "eval"  # "train": score with batch statistics in BatchNorm
@@ -190,6 +196,7 @@ class PruneConfig:
             _fail("imp_fraction must be in (0, 1); got 0.0")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("schedule", self.schedule, ("exponential", "linear"))
         _check_choice("score_mode", self.score_mode, ("eval", "train"))
         _check_choice("sanity", self.sanity, SANITY_CHECKS)
         _check_choice("on_collapse", self.on_collapse, ON_COLLAPSE)

@@ -336,7 +336,7 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
         if w.bn_warmup:
             with Progress("BN statistics", len(loaders["train_plain"]), show=show_progress,
                           say=say) as bar:
-                bn_warmup_(model, Counted(loaders["train_plain"], bar))
+                bn_warmup_(model, Counted(loaders["train_plain"], bar), momentum=w.bn_momentum)
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tf.save_state(path, model, metadata={"seconds": f"{elapsed():.3f}"})
@@ -413,7 +413,8 @@ def pruning_masks(cfg: RunConfig, prep: Prepared, rd: RunDir, say: Say, *,
                                   on_empty="ignore")  # the run reports collapse itself
             else:
                 masks, info = fp.prune(model, p.criterion, p.sparsity, data, rounds=p.rounds,
-                                       on_empty="ignore", return_info=True, scope=p.scope,
+                                       schedule=p.schedule, on_empty="ignore",
+                                       return_info=True, scope=p.scope,
                                        on_round=lambda _r, _n: bar.update(1), **common)
         seconds = elapsed()
         scoring = asdict(info)

@@ -136,22 +136,45 @@ def evaluate(
 
 
 @torch.no_grad()
-def bn_warmup_(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> nn.Module:
+def bn_warmup_(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    momentum: float | None = None,
+) -> nn.Module:
     """Refresh BatchNorm running statistics: one train-mode pass, no gradients, no updates.
 
-    The batch-norm-statistics warm-up of Gollini Navarrete et al. (arXiv 2502.11450). Momentum
-    is set to None (cumulative average) during the pass, so the running statistics are the
-    plain average of the per-batch statistics (every batch weighted equally, the last partial
-    one included), independent of the previous values and of the default momentum 0.1; the
-    caller's flags are restored.
+    The batch-norm-statistics warm-up of Gollini Navarrete et al. (arXiv 2502.11450). Every
+    BatchNorm's statistics are first reset (mean 0, variance 1, ``num_batches_tracked`` 0); then
+    batch b = 1..B of the pass updates them with its mean μ_b and unbiased variance σ²_b:
+
+    - ``momentum=None`` (default): the cumulative average, mean_b μ_b and mean_b σ²_b, every
+      batch weighted equally (the last partial one included), independent of the previous
+      values and of the modules' own momentum (PyTorch's ``momentum=None``: factor 1/b).
+    - ``momentum=m`` in (0, 1]: the exponential moving average of the authors' code,
+      stat ← (1 − m)·stat + m·stat_b, i.e. after B batches running_mean = Σ_b m(1 − m)^(B−b) μ_b
+      and running_var = (1 − m)^B + Σ_b m(1 − m)^(B−b) σ²_b. Their ``warmup_step``
+      (github Gollini/Scalable_Second_Order_PaI, ``batch_exp/experiments/pbt.py``, commit
+      bfb50ad) makes one train-mode pass under ``no_grad`` over the training loader with
+      PyTorch's default momentum 0.1 and no explicit reset, on a freshly initialised model,
+      whose statistics are the reset values: ``momentum=0.1`` reproduces it, and the reset
+      keeps the result independent of anything run before (a dense warm-up epoch).
+
+    The modules' momenta and every module's train/eval flag are restored; returns ``model``.
     """
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+        or not 0 < momentum <= 1
+    ):
+        raise ValueError(f"momentum must be None (cumulative average) or in (0, 1], "
+                         f"got {momentum!r}")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
     momenta = [(m, m.momentum) for m in norms]
     for m in norms:
         m.reset_running_stats()
-        m.momentum = None
+        m.momentum = None if momentum is None else float(momentum)
     try:
         with restored_modes(model):
             model.train()
@@ -159,6 +182,6 @@ def bn_warmup_(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> nn
                 model(inputs)
         distributed.reduce_running_stats_(norms)  # distributed: average over all ranks' batches
     finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
+        for m, saved in momenta:
+            m.momentum = saved
     return model

@@ -36,12 +36,15 @@ HELP = {
     "num_workers": "image folders: decoding worker processes (default: up to 4; 0: none)",
     "warmup_epochs": "dense training epochs before pruning (cures layer collapse)",
     "bn_warmup": "refresh BatchNorm statistics with one train-mode pass before scoring",
+    "bn_momentum": "BN pass as an exponential moving average with this momentum (the second "
+                   "paper's code: 0.1); default: the cumulative average",
     "criterion": "pruning criterion (see `fishprune criteria`), or imp (iterative magnitude "
                  "pruning with rewinding to --warmup-epochs)",
     "imp_fraction": "imp: fraction of the remaining weights pruned in each round",
     "sparsity": "pruned fraction of the prunable weights, in [0, 1); 0 = dense",
     "scope": "rank weights globally or per layer",
     "rounds": "pruning rounds (default: the criterion's, 100 for synflow, else 1)",
+    "schedule": "kept fraction over the rounds: exponential d^(r/R) or linear",
     "score_samples": "scoring samples per class (default: the whole training split)",
     "score_batch_size": "batch size of the scoring gradients (the Fisher estimate)",
     "score_mode": "score with the model in eval or train mode (BatchNorm batch statistics)",
