@@ -128,12 +128,12 @@ def prune(
                         weight.masked_fill_(pruned.to(weight.device), 0)
             if on_round is not None:
                 on_round(r, total)
+        assert survivors is not None
+        masks = survivors.masks()
+        check_empty_layers(masks, on_empty)  # an error here, too, leaves the model as it was
     except BaseException:
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
         raise
-    assert survivors is not None
-    masks = survivors.masks()
-    check_empty_layers(masks, on_empty)
     return (masks, info) if return_info else masks
