@@ -12,6 +12,7 @@ is exactly a black pixel as in torchvision's ``RandomCrop(32, padding=4)`` befor
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator, Sequence
 
@@ -56,7 +57,51 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, padding: int) 
     return padded.gather(2, flat.expand(n, c, h * w)).view(n, c, h, w)
 
 
-class TensorBatches:
+class BatchSource(abc.ABC):
+    """What every batch source of the pipeline shares (resident tensors, streamed image files):
+    its settings, the epoch whose order and augmentation it reproduces, its length, and the fused
+    normalization ``x·scale + shift`` of uint8 pixels."""
+
+    def _setup(self, n: int, y: Tensor, channels: int, *, batch_size: int,
+               mean: Sequence[float], std: Sequence[float], shuffle: bool, seed: int,
+               augment: bool, drop_last: bool, device: torch.device | str) -> None:
+        if y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ValueError(f"mean and std need {channels} values each, std > 0")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.drop_last = drop_last
+        self.epoch = 0
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
+        self._shift = (-mean_t / std_t).to(self.device)
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """Samples per epoch, before ``drop_last``."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iterations reproduce."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n, b = self.num_samples, self.batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
+
+
+class TensorBatches(BatchSource):
     """Re-iterable ``(inputs, targets)`` batches over resident uint8 images.
 
     ``inputs`` are float32 N×C×H×W, ``(x / 255 - mean) / std`` per channel; ``targets`` int64.
@@ -92,43 +137,16 @@ class TensorBatches:
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"x must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        channels = x.shape[1]
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ValueError(f"mean and std need {channels} values each, std > 0")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        self.device = torch.device(device)
+        self._setup(x.shape[0], y, x.shape[1], batch_size=batch_size, mean=mean, std=std,
+                    shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last,
+                    device=device)
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.augment = augment
-        self.drop_last = drop_last
-        self.epoch = 0
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
-        self._shift = (-mean_t / std_t).to(self.device)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iterations reproduce."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self.epoch = epoch
 
     @property
     def num_samples(self) -> int:
         """Samples per epoch, before ``drop_last``."""
         return int(self.x.shape[0])
-
-    def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = self.num_samples

@@ -12,14 +12,19 @@ iteration and stay for the later epochs (``persistent_workers``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from fishprune.data.folders import ImageFiles, default_workers
-from fishprune.data.loader import CROP_PADDING, TensorBatches, crop_flip, epoch_generator
+from fishprune.data.loader import (
+    CROP_PADDING,
+    BatchSource,
+    TensorBatches,
+    crop_flip,
+    epoch_generator,
+)
 
 
 class _Labelled(torch.utils.data.Dataset):
@@ -48,7 +53,7 @@ class _EpochOrder(torch.utils.data.Sampler[int]):
         return len(self.order)
 
 
-class ImageBatches:
+class ImageBatches(BatchSource):
     """Re-iterable ``(inputs, targets)`` batches over :class:`ImageFiles`, decoded by
     ``num_workers`` processes (0: in this process). See :class:`fishprune.data.TensorBatches`
     for the other arguments; the batches are the same function of ``(seed, epoch)``."""
@@ -68,46 +73,19 @@ class ImageBatches:
         device: torch.device | str = "cpu",
         num_workers: int | None = None,
     ) -> None:
-        if y.dim() != 1 or y.shape[0] != len(x):
-            raise ValueError(f"y must have shape ({len(x)},), got {tuple(y.shape)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        channels = x.in_channels
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ValueError(f"mean and std need {channels} values each, std > 0")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        self.device = torch.device(device)
+        self._setup(len(x), y, x.in_channels, batch_size=batch_size, mean=mean, std=std,
+                    shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last,
+                    device=device)
         self.x = x
         self.y = y.to("cpu", torch.int64)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.augment = augment
-        self.drop_last = drop_last
         self.num_workers = default_workers() if num_workers is None else num_workers
-        self.epoch = 0
         self._order = _EpochOrder()
         self._loader: torch.utils.data.DataLoader | None = None
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
-        self._shift = (-mean_t / std_t).to(self.device)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iterations reproduce."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self.epoch = epoch
 
     @property
     def num_samples(self) -> int:
         """Samples per epoch, before ``drop_last``."""
         return len(self.x)
-
-    def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else math.ceil(n / b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = self.num_samples
