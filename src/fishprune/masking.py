@@ -3,8 +3,11 @@
 No forward pre-hooks and no ``weight_orig`` re-parametrisation: the model stays a plain
 ``nn.Module`` whose ``state_dict`` has its usual keys. During training, :class:`Masker` zeroes the
 gradients of pruned weights before ``optimizer.step()`` and the weights after it. Zeros are
-*assigned* (``masked_fill_``), never multiplied in: a NaN or inf gradient times 0 is NaN, and a
-pruned weight must stay exactly 0 whatever the gradient holds.
+*assigned*, never multiplied in: a NaN or inf gradient times 0 is NaN, and a pruned weight must
+stay exactly 0 whatever the gradient holds. The assignment is a bitwise AND of the values' bits
+with an all-ones (kept) or all-zeros (pruned) integer mask of the same width: exactly +0.0 where
+pruned, the value untouched where kept, as fast as a multiplication (``masked_fill_`` with a
+boolean mask is several times slower on the CPU).
 """
 
 from __future__ import annotations
@@ -59,23 +62,28 @@ class Masker:
     def __init__(self, model: nn.Module, masks: dict[str, Tensor], *, guard: bool = True) -> None:
         pairs = _check(model, masks)
         self.params = [p for p, _ in pairs.values()]
-        # True where the weight is pruned, laid out like the weight (channels_last on CUDA), so
-        # the in-place fills run on matching strides.
-        self.pruned = [torch.empty_like(p, dtype=torch.bool).copy_(~m) for p, m in pairs.values()]
+        # Per weight, an integer mask of the weight's element width, laid out like the weight
+        # (channels_last on CUDA): all ones where kept, zero where pruned.
+        self.bits = [torch.empty_like(p, dtype=_INT[p.element_size()]).copy_(
+            torch.where(m, -1, 0)) for p, m in pairs.values()]
         self.guard = guard
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
-        for p, pruned in zip(self.params, self.pruned):
+        for p, bits in zip(self.params, self.bits):
             if p.grad is not None:
-                p.grad.masked_fill_(pruned, 0)
+                p.grad.view(bits.dtype).bitwise_and_(bits)
 
     @torch.no_grad()
     def mask_weights_(self) -> None:
-        for p, pruned in zip(self.params, self.pruned):
-            p.masked_fill_(pruned, 0)
+        for p, bits in zip(self.params, self.bits):
+            p.detach().view(bits.dtype).bitwise_and_(bits)
 
     @torch.no_grad()
     def violations(self) -> int:
         """Number of pruned weights that are not exactly zero (0 when all is well)."""
-        return sum(int((p.ne(0) & pruned).sum()) for p, pruned in zip(self.params, self.pruned))
+        return sum(int((p.ne(0) & bits.eq(0)).sum()) for p, bits in zip(self.params, self.bits))
+
+
+#: The integer type of each element width: the bits of a float are masked through it.
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
