@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cli import die_in_epoch
 
 from fishprune import cli, pipeline
 from fishprune import config as C
@@ -384,15 +385,7 @@ def test_run_help_shows_every_default() -> None:
 def test_resumed_run_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = S.build({"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 2,
                    "sparsity": 0.5, "out": str(tmp_path)})
-    real, calls = pipeline.train_epoch, []
-
-    def dies_in_epoch_2(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "train_epoch", dies_in_epoch_2)
+    die_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated kill"):
         pipeline.run(cfg, show_progress=False)
     monkeypatch.undo()

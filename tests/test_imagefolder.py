@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _cli import die_in_epoch
 from PIL import Image
 
 from fishprune import cli, pipeline
@@ -283,15 +283,7 @@ def test_a_killed_imagefolder_run_resumes_bit_identically(tmp_path: Path,
     killed = S.build({**over, "num_workers": 2, "out": str(tmp_path / "killed")})
     clean = S.build({**over, "num_workers": 0, "out": str(tmp_path / "clean")})
     assert killed.run_id() == clean.run_id()
-    real, calls = pipeline.train_epoch, []
-
-    def dies_in_epoch_2(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "train_epoch", dies_in_epoch_2)
+    die_in_epoch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated kill"):
         pipeline.run(killed, show_progress=False)
     monkeypatch.undo()

@@ -20,21 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import FAST, one_error_line
 
 from fishprune import cachekeys, cli
 from fishprune import config as C
 from fishprune import settings as S
 from fishprune.criteria import REGISTRY
 from fishprune.sweep.driver import plan, warmup_group
-
-FAST = ["--dataset", "synthetic", "--model", "lenet300", "--width", "0.25", "--epochs", "1",
-        "--quiet"]
-
-
-def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fishprune: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize(("argv", "mention"), [

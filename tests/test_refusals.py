@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import FAST, one_error_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,15 +22,6 @@ from fishprune import cli
 from fishprune import config as C
 from fishprune import settings as S
 from fishprune.train import DivergedError, train_epoch
-
-FAST = ["--dataset", "synthetic", "--model", "lenet300", "--width", "0.25", "--epochs", "1",
-        "--quiet"]
-
-
-def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fishprune: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize(("argv", "mention"), [
