@@ -210,3 +210,35 @@ def test_schedule_signed_and_bn_momentum_reach_the_run(tmp_path: Path) -> None:
     bn = {**base, "model": "vgg11", "width": 0.125, "bn_warmup": True}
     assert cachekeys.warmup_key(S.build(bn), "cpu") != cachekeys.warmup_key(
         S.build({**bn, "bn_momentum": 0.1}), "cpu")
+
+
+def test_score_augment_scores_on_augmented_images(tmp_path: Path) -> None:
+    """``score_augment``: the scoring batches are the same samples, cropped and flipped by the
+    run's seed (reproducibly), and the masks follow them. Off by default and then not in the id."""
+    from fishprune import pipeline
+    from fishprune import tensorfiles as tf
+
+    base = {"dataset": "synthetic", "model": "lenet300", "width": 0.25, "epochs": 0,
+            "criterion": "snip", "sparsity": 0.9, "score_samples": 8, "out": str(tmp_path)}
+    plain, aug = S.build(base), S.build({**base, "score_augment": True})
+    assert S.build({**base, "score_augment": False}).run_id() == plain.run_id()
+    assert aug.run_id() != plain.run_id()
+    assert C.flat_values(aug)["score_augment"] is True
+
+    def batches(cfg: C.RunConfig) -> list[tuple[Any, Any]]:
+        prep = pipeline.prepare(cfg, lambda _m: None)
+        got = pipeline.scoring_batches(cfg, prep.ds, prep.train_idx, prep.device)
+        return [(x.clone(), y.clone()) for x, y in got]
+
+    a, b, c = batches(plain), batches(aug), batches(aug)
+    assert len(a) == len(b) and all((ya == yb).all() for (_, ya), (_, yb) in zip(a, b))
+    assert all((xb == xc).all() for (xb, _), (xc, _) in zip(b, c))  # seeded: reproducible
+    assert any(not (xa == xb).all() for (xa, _), (xb, _) in zip(a, b))  # but augmented
+    # Same pixels, moved: a crop with zero padding and a flip never brighten an image.
+    for (xa, _), (xb, _) in zip(a, b):
+        assert (xb.amax(dim=(1, 2, 3)) <= xa.amax(dim=(1, 2, 3))).all()
+    masks = []
+    for cfg in (plain, aug):
+        pipeline.run(cfg, show_progress=False)
+        masks.append(tf.load_masks(cfg.directory() / "masks.safetensors"))
+    assert any(not (masks[0][n] == masks[1][n]).all() for n in masks[0])

@@ -174,6 +174,7 @@ class PruneConfig:
     score_samples: int | None = None  # samples per class for scoring; None: the whole split
     score_batch_size: int = 128
     score_mode: str = "eval"  # "train": score with batch statistics in BatchNorm
+    score_augment: bool = False  # score on augmented data (random crop + flip), as the references
     options: dict[str, Any] = field(default_factory=dict)  # the criterion's options, e.g. probes
     imp_fraction: float = 0.2  # criterion "imp": fraction of the remaining weights pruned per round
     exclude: tuple[str, ...] = ()  # glob patterns of weights never pruned

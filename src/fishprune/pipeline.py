@@ -347,14 +347,19 @@ def warm_up(cfg: RunConfig, model: nn.Module, loaders: dict[str, TensorBatches],
 def scoring_batches(cfg: RunConfig, ds: DatasetTensors, train_idx: torch.Tensor,
                     device: torch.device) -> TensorBatches:
     """The scoring data: a seeded subset of the training split (k per class, or all of it),
-    unshuffled and unaugmented, in batches of ``score_batch_size`` (the Fisher estimate)."""
+    unshuffled, in batches of ``score_batch_size`` (the Fisher estimate).
+
+    Unaugmented by default. ``score_augment`` passes every image through the training
+    augmentation (random crop with 4-pixel zero padding + horizontal flip), drawn from the run's
+    seed, as the reference implementations score; the same draws serve every round."""
     p = cfg.prune
     idx = scoring_indices(ds.train_y, p.score_samples, cfg.seed, indices=train_idx)
     y = ds.train_y[idx]
     if p.sanity == "random-labels":
         y = randomize_labels(y, ds.num_classes, seed=cfg.seed)
     return make_batches(ds.train_x[idx], y, batch_size=p.score_batch_size, mean=ds.mean,
-                        std=ds.std, device=device, num_workers=cfg.data.num_workers)
+                        std=ds.std, device=device, num_workers=cfg.data.num_workers,
+                        augment=p.score_augment, seed=cfg.seed)
 
 
 def scored_parameters(cfg: RunConfig, model: nn.Module) -> dict[str, nn.Parameter]:

@@ -48,6 +48,8 @@ HELP = {
     "score_samples": "scoring samples per class (default: the whole training split)",
     "score_batch_size": "batch size of the scoring gradients (the Fisher estimate)",
     "score_mode": "score with the model in eval or train mode (BatchNorm batch statistics)",
+    "score_augment": "score on augmented training data (random crop + flip, seeded), as every "
+                     "reference implementation does; default: the images as they are",
     "exclude": "glob patterns of weights never pruned, e.g. 'classifier.*'",
     "sanity": "sanity check: none, shuffle, reinit, invert, random-labels",
     "on_collapse": "when a layer is empty or cut off: warn, error, ignore",
