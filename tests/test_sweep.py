@@ -21,7 +21,7 @@ from fishprune.config import ConfigError
 from fishprune.rundir import ERROR
 from fishprune.sweep import load_sweep, run_sweep, sweep_from_table
 from fishprune.sweep.backends import Task
-from fishprune.sweep.driver import drive, plan
+from fishprune.sweep.driver import drive, imp_chain, plan
 
 #: A tiny learnable setting: ~0.1 s per epoch on one CPU thread.
 TINY = {"dataset": "synthetic", "model": "lenet300", "width": 0.1, "lr": 0.2, "epochs": 1}
@@ -177,6 +177,53 @@ def test_a_dead_worker_is_retried_once_then_recorded(tmp_path):
         rows = {r["run_id"]: r for r in db.fetch(conn, None)}
     assert [rid for _, rid in backend.order].count(victim) == 2 and backend.restarts == 2
     assert rows[victim]["status"] == "failed" and "died" in rows[victim]["error"]
+
+
+class EventBackend(FakeBackend):
+    """Also records when each task ends: ``events`` is ("submit"|"end", run id) in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    def submit(self, task: Task) -> int:
+        self.events.append(("submit", task.cfg.run_id()))
+        return super().submit(task)
+
+    def outcome(self, handle: int) -> dict[str, Any]:
+        self.events.append(("end", self._tasks[handle].cfg.run_id()))
+        return super().outcome(handle)
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_imp_chains_run_their_sparsest_run_first(tmp_path, warmup):
+    """The IMP runs of one curve share rounds: the sparsest starts first (before the other
+    criteria) and the others only after it ended, so no round is trained twice."""
+    s = sweep_from_table({**TINY, "warmup_epochs": warmup, "seed": [0, 1],
+                          "criterion": ["snip", "imp"], "sparsity": [0.8, 0.95, 0.9]},
+                         "t.toml", out=tmp_path)
+    chains: dict[str, list] = {}
+    for cfg in s.runs:
+        if (key := imp_chain(cfg)) is not None:
+            chains.setdefault(key, []).append(cfg)
+    assert len(chains) == 2 and all(len(c) == 3 for c in chains.values())
+    assert imp_chain(s.runs[0]) is None  # snip
+    backend = EventBackend()
+    with db.connect(tmp_path / "x.sqlite") as conn:
+        counts = drive(s.runs, backend, conn, say=lambda _m: None)
+    assert counts["failed"] == 12
+    runs = [rid for kind, rid in backend.order if kind == "run"]
+    assert sorted(runs) == sorted(c.run_id() for c in s.runs)  # each once
+    for members in chains.values():
+        head = max(members, key=lambda c: c.prune.sparsity).run_id()
+        ended = backend.events.index(("end", head))
+        for cfg in members:
+            if cfg.run_id() != head:
+                assert backend.events.index(("submit", cfg.run_id())) > ended
+    # The heads go before the other criteria's runs (of their seed, after its warm-up).
+    heads = {max(m, key=lambda c: c.prune.sparsity).run_id() for m in chains.values()}
+    first = runs[:2] if not warmup else [runs[0]]
+    assert set(first) <= heads
 
 
 # -- real sweeps on synthetic data --

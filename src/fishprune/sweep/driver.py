@@ -12,6 +12,13 @@ warm-up (cached by the pipeline in ``<out>/_cache``). Started together, each wou
 gets a *prepare* task that computes the init and warm-up once; its runs are released when it
 ends, while other groups go on in parallel. Prepare tasks are scheduled before runs.
 
+IMP chains. The IMP runs of one curve (same seed and settings, several target sparsities)
+share their rounds through ``<out>/_cache/imp-*`` (:mod:`fishprune.imp`); started together,
+each would train the same rounds. So the sparsest run of a chain (the *head*: its rounds pass
+through every other's but the last) runs first, ahead of other runs since it is the longest,
+and the rest of its chain is released when it ends: each then trains only its own last round
+and its final network.
+
 Interruption. Every artifact is written atomically by the pipeline, so killing the driver or a
 worker (Ctrl-C, SIGKILL, out of memory) loses nothing finished: a rerun skips finished runs and
 resumes partial ones from their last epoch. Workers ignore SIGINT (the driver stops them) and
@@ -61,6 +68,33 @@ def plan(todo: list[C.RunConfig]) -> tuple[list[Task], dict[str, list[Task]], li
     return prepares, blocked, free
 
 
+def imp_chain(cfg: C.RunConfig) -> str | None:
+    """IMP runs with the same key share their rounds: the IMP round cache directory."""
+    if cfg.prune.criterion != "imp" or cfg.prune.sparsity == 0:
+        return None
+    from fishprune.imp import round_dir
+
+    return str(round_dir(cfg, resolve_device(cfg.device).type))
+
+
+def chain_imp(tasks: list[Task]) -> tuple[list[Task], dict[str, list[Task]]]:
+    """``tasks`` with every IMP chain's head first and its other runs taken out, and those
+    runs by their head's run id (released when the head ends)."""
+    chains: dict[str, list[Task]] = {}
+    for task in tasks:
+        key = imp_chain(task.cfg)
+        if key is not None:
+            chains.setdefault(key, []).append(task)
+    heads, waiting = [], {}
+    for members in chains.values():
+        members = sorted(members, key=lambda t: t.cfg.prune.sparsity, reverse=True)
+        heads.append(members[0])
+        if len(members) > 1:
+            waiting[members[0].cfg.run_id()] = members[1:]
+    held = {id(t) for ts in waiting.values() for t in ts} | {id(t) for t in heads}
+    return heads + [t for t in tasks if id(t) not in held], waiting
+
+
 @contextlib.contextmanager
 def driver_lock(out: Path) -> Iterator[None]:
     """One driver per sweep directory (released by the kernel even after SIGKILL)."""
@@ -80,6 +114,10 @@ def driver_lock(out: Path) -> Iterator[None]:
 def drive(todo: list[C.RunConfig], backend: Backend, conn: Any, say: Say) -> dict[str, int]:
     """Run ``todo`` on ``backend``, indexing each run into ``conn`` as it ends."""
     prepares, blocked, free = plan(todo)
+    free, waiting = chain_imp(free)
+    for key, tasks in blocked.items():
+        blocked[key], more = chain_imp(tasks)
+        waiting.update(more)
     queues = {"prepare": collections.deque(prepares), "run": collections.deque(free)}
     in_flight: dict[Any, Task] = {}
     counts = {"finished": 0, "failed": 0}
@@ -98,10 +136,14 @@ def drive(todo: list[C.RunConfig], backend: Backend, conn: Any, say: Say) -> dic
                     say(f"worker died during {task.cfg.label()}; trying it again")
                     continue
                 if task.kind == "prepare":
-                    queues["run"].extend(blocked.pop(warmup_group(task.cfg) or "", []))
+                    released = blocked.pop(warmup_group(task.cfg) or "", [])
+                    heads = [t for t in released if t.cfg.run_id() in waiting]
+                    queues["run"].extendleft(reversed(heads))  # the longest first
+                    queues["run"].extend(t for t in released if t.cfg.run_id() not in waiting)
                     if not result["ok"]:
                         say(f"shared warm-up for {task.cfg.label()} failed: {result['error']}")
                     continue
+                queues["run"].extend(waiting.pop(task.cfg.run_id(), []))  # its IMP chain
                 if not result["ok"]:
                     db.record_failure(task.cfg.directory(), task.cfg, result["error"],
                                       result.get("traceback"))
