@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -95,6 +96,30 @@ def test_atomic_path_keeps_old_file_when_writer_raises(tmp_path: Path) -> None:
         raise RuntimeError("midway")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]
+
+
+@pytest.mark.parametrize("where", ["fsync", "library"])
+def test_a_full_disk_names_the_file(where: str, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a full disk said only "[Errno 28] No space left on device" (or, from
+    safetensors, "Error while serializing: ... (os error 28)"), naming no file."""
+    target = tmp_path / "masks.safetensors"
+    if where == "fsync":
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as caught:
+            tf.save_masks(target, {"w": torch.ones(3, dtype=torch.bool)})
+    else:  # the message safetensors' Rust writer gives (measured on a full tmpfs)
+        with pytest.raises(OSError) as caught, atomic.replacing(target):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device "
+                               "(os error 28)")
+    assert caught.value.errno == errno.ENOSPC
+    assert f"could not write {target}" in str(caught.value)
+    assert _leftovers(tmp_path) == [] and not target.exists()
+    with pytest.raises(RuntimeError, match="os error 2\\)"), atomic.replacing(target):
+        raise RuntimeError("not a disk failure (os error 2)")  # ENOENT: passed through as is
 
 
 def test_atomic_write_keeps_old_file_when_replace_fails(

@@ -38,6 +38,11 @@ from fishprune.train import DivergedError, train_epoch
     (["--val-fraction", "0.999"], "leaves no training sample"),
     (["--model", "vgg11", "--per-sample", "--score-mode", "train"], "per_sample needs"),
     (["--config", "."], "is a directory"),
+    (["--epochs", "10000000"], "epochs must be an integer in [0, 10,000]"),
+    (["--warmup-epochs", "20000"], "warmup_epochs must be an integer in [0, 10,000]"),
+    (["--criterion", "synflow", "--rounds", "1000000"],
+     "rounds must be an integer in [1, 100,000]"),
+    (["--rounds", "0"], "rounds must be an integer in [1, 100,000]"),
 ])
 def test_bad_values_exit_2_and_write_nothing(argv: list[str], mention: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:

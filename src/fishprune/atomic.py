@@ -12,6 +12,7 @@ runs on this host), never one that another live process is still writing (a shar
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -85,6 +86,28 @@ def _fsync(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+#: A full, read-only or failing disk: reported naming the file that could not be written.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _disk_error(err: BaseException, path: Path) -> OSError | None:
+    """``err`` as an ``OSError`` naming ``path`` when it says the disk failed, else None.
+
+    The OS error of a full disk names no file ("[Errno 28] No space left on device"), and
+    libraries that write through their own I/O (safetensors) raise their own exception types
+    with the OS error in the message ("... (os error 28)").
+    """
+    if not isinstance(err, Exception):
+        return None
+    code = getattr(err, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    if code not in _DISK_ERRNOS:
+        return None
+    return OSError(code, f"could not write {path}: {os.strerror(code)}")
+
+
 @contextlib.contextmanager
 def replacing(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path that replaces ``path`` atomically when the block exits cleanly.
@@ -92,17 +115,25 @@ def replacing(path: PathLike) -> Iterator[Path]:
     The temporary file already exists (empty) in the same directory and keeps ``path``'s
     suffix, so ``savefig(tmp)`` or ``save_file(tensors, tmp)`` pick the right format. On a
     clean exit it is fsync-ed and ``os.replace``-d onto ``path``; on any exception (including
-    one from ``os.replace``) it is deleted and ``path`` keeps its previous content.
+    one from ``os.replace``) it is deleted and ``path`` keeps its previous content; a full or
+    failing disk is re-raised as an ``OSError`` that names ``path``.
     """
     path = Path(path)
-    tmp = _create_temp(path)
+    try:
+        tmp = _create_temp(path)
+    except OSError as err:
+        if (named := _disk_error(err, path)) is not None:
+            raise named from err
+        raise
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if (named := _disk_error(err, path)) is not None:
+            raise named from err
         raise
     _fsync(path.parent, directory=True)
 

@@ -109,6 +109,18 @@ class DataConfig:
 
 
 
+#: The most epochs (training or warm-up) and pruning rounds a run may ask for: far beyond any
+#: protocol (the papers train 160-200 epochs, SynFlow takes 100 rounds), so a larger number is a
+#: typo (``--epochs 10000000``) that would otherwise run for days before anyone noticed.
+MAX_EPOCHS = 10_000
+MAX_ROUNDS = 100_000
+
+
+def _check_count(name: str, value: int, lo: int, hi: int) -> None:
+    if not lo <= value <= hi:
+        _fail(f"{name} must be an integer in [{lo}, {hi:,}]; got {value!r}")
+
+
 #: The largest width multiplier: 64× a zoo model is already far beyond any machine.
 MAX_WIDTH = 64.0
 
@@ -154,8 +166,7 @@ class WarmupConfig:
     bn_momentum: float | None = None  # BN pass: None = cumulative average; m = the authors' EMA
 
     def validate(self) -> None:
-        if self.warmup_epochs < 0:
-            _fail(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
+        _check_count("warmup_epochs", self.warmup_epochs, 0, MAX_EPOCHS)
         if self.bn_momentum is not None:
             _check_range("bn_momentum", self.bn_momentum, 0.0, 1.0)
             if self.bn_momentum == 0:
@@ -201,8 +212,8 @@ class PruneConfig:
         _check_choice("score_mode", self.score_mode, ("eval", "train"))
         _check_choice("sanity", self.sanity, SANITY_CHECKS)
         _check_choice("on_collapse", self.on_collapse, ON_COLLAPSE)
-        if self.rounds is not None and self.rounds < 1:
-            _fail(f"rounds must be >= 1; got {self.rounds}")
+        if self.rounds is not None:
+            _check_count("rounds", self.rounds, 1, MAX_ROUNDS)
         if self.score_samples is not None and self.score_samples < 1:
             _fail(f"score_samples must be >= 1 per class; got {self.score_samples}")
         if self.score_batch_size < 1:
@@ -255,8 +266,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if self.epochs < 0:
-            _fail(f"epochs must be >= 0; got {self.epochs}")
+        _check_count("epochs", self.epochs, 0, MAX_EPOCHS)
         _check_positive("lr", self.lr)
         _check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
