@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cli import one_error_line
 
 from fishprune import atomic, cachekeys, cli, pipeline
 from fishprune import config as C
@@ -360,3 +361,59 @@ def test_a_kill_between_a_write_and_its_record_resumes_without_recomputing(tmp_p
     assert not (Path(cfg.out) / QUARANTINE).exists()
     assert numbers(resumed) == numbers(run(S.build({**FAST, "epochs": 3,
                                                     "out": str(tmp_path / "c")})))
+
+
+# -- fishprune verify --recompute: what no checksum can catch --
+
+
+def test_verify_recompute_catches_a_result_edited_and_re_recorded(
+        finished: tuple[C.RunConfig, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``result.json`` whose number was changed *and* whose manifest entry was recomputed
+    passes every checksum; re-evaluating the stored best weights exposes it, naming the file."""
+    cfg, result = finished
+    rd = RunDir.of(cfg)
+    root = str(rd.path.parent)
+    assert cli.main(["verify", root, "--recompute"]) == 0
+    assert "1 run(s) checked, 1 recomputed: all intact" in capsys.readouterr().err
+    forged = {**result, "test_acc": result["test_acc"] + 0.05}
+    atomic.write_json(rd.result, forged)
+    rd.record("result.json")  # the forger's (or a buggy writer's) manifest is consistent
+    assert rd.verify(cfg) == []  # invisible to checksums
+    assert cli.main(["verify", root]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", root, "--recompute"]) == 1
+    out = capsys.readouterr()
+    assert f"{rd.result}: test_acc {forged['test_acc']!r}, but the stored weights give " \
+           f"{result['test_acc']!r}" in out.out
+    assert "1 with problems" in out.err
+
+
+def test_verify_recompute_catches_pruned_weights_that_are_not_zero(
+        finished: tuple[C.RunConfig, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, _ = finished
+    rd = RunDir.of(cfg)
+    state = tf.load_state(rd.best)
+    masks = tf.load_masks(rd.masks)
+    name = next(iter(masks))
+    w = state[name].clone()
+    w[~masks[name]] = 1e-3  # small: the accuracy barely moves, the mask is broken
+    tf.save_state(rd.best, {**state, name: w})
+    rd.record("best.safetensors")
+    assert rd.verify(cfg) == []
+    assert cli.main(["verify", str(rd.path), "--recompute"]) == 1
+    assert f"{rd.best}: {int((~masks[name]).sum())} pruned weight(s) of {name} are not zero" \
+        in capsys.readouterr().out
+
+
+def test_verify_names_a_corrupted_file_and_refuses_a_missing_dir(
+        finished: tuple[C.RunConfig, dict[str, Any]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _ = finished
+    rd = RunDir.of(cfg)
+    flip_bit(rd.metrics, 5)
+    assert cli.main(["verify", str(rd.path.parent)]) == 1
+    assert f"{rd.metrics} does not match its checksum" in capsys.readouterr().out
+    assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
+    assert "is not a directory" in one_error_line(capsys)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from fishprune._version import __version__
-from fishprune.cli import analyze, export, listing, report, run, sweep
+from fishprune.cli import analyze, export, listing, report, run, sweep, verify
 from fishprune.cli.flags import Parser, UsageError
 from fishprune.config import ConfigError
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, ModuleType] = {
     "sweep": sweep,
     "report": report,
     "export": export,
+    "verify": verify,
     "criteria": listing,
     "models": listing,
     "datasets": listing,
