@@ -17,7 +17,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import fishprune as fp
-import fishprune.autograd
+import fishprune.persample
 from fishprune.selection import Survivors, kept_count
 
 GRADIENT_CRITERIA = ("gn", "snip", "fd", "fp", "fts", "fbss")
@@ -217,13 +217,13 @@ def test_per_sample_equals_batches_of_one(model_name: str, monkeypatch) -> None:
     model = float64(factory())
     batches = batches_for(shape, sizes=(3, 4))
     calls = []
-    original = fishprune.autograd._func_squared_grads
+    original = fishprune.persample._func_squared_grads
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fishprune.autograd, "_func_squared_grads", counted)
+    monkeypatch.setattr(fishprune.persample, "_func_squared_grads", counted)
     for criterion in ("fd", "gn", "fts"):
         per_sample = fp.score(model, criterion, batches, per_sample=True)
         one_by_one = fp.score(model, criterion, singletons(batches))

@@ -5,9 +5,9 @@
 """
 
 from fishprune._version import __version__
-from fishprune.autograd import ScoreInfo
 from fishprune.criteria import criteria, register, register_criterion
 from fishprune.exporting import export, load_pruned
+from fishprune.hvp import ScoreInfo
 from fishprune.masking import Masker, apply_masks
 from fishprune.params import PrunableReport, prunable_parameters, prunable_report
 from fishprune.schedule import prune

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fishprune.autograd import LossFn
 from fishprune.criteria import get_criterion
+from fishprune.losses import LossFn
 from fishprune.scoring import ON_EMPTY, check_empty_layers, score, validate_sparsity
 from fishprune.selection import SCOPES, Survivors
 

@@ -13,17 +13,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fishprune import distributed
-from fishprune.autograd import (
-    HVP_METHODS,
-    Loss,
-    LossFn,
-    OutputFn,
-    ScoreInfo,
-    hvp_setting,
-    logits_of,
-)
 from fishprune.batches import Batches
 from fishprune.criteria import Context, get_criterion
+from fishprune.hvp import HVP_METHODS, ScoreInfo, hvp_setting
+from fishprune.losses import Loss, LossFn, OutputFn, logits_of
 from fishprune.modes import restored_modes
 from fishprune.params import Selector, prunable_parameters, require_prunable
 

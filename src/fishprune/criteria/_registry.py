@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fishprune.autograd import LossFn
 from fishprune.batches import Batches
+from fishprune.losses import LossFn
 
 #: What a criterion reads from the scoring data: ``(inputs, targets)`` batches, only the input
 #: shape (data-free criteria that run the network, e.g. synflow), or nothing at all.

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from fishprune.autograd import hessian_vector_mean, mean_gradient
+from fishprune.autograd import mean_gradient
 from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, positive, register
+from fishprune.hvp import hessian_vector_mean
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fishprune.autograd import hutchinson_diagonal
 from fishprune.batches import Batches
 from fishprune.criteria._hutchinson import HutchinsonOptions
 from fishprune.criteria._registry import Context, register
+from fishprune.hvp import hutchinson_diagonal
 
 
 @register("hp", options=HutchinsonOptions, seeded=True)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from fishprune.autograd import hutchinson_diagonal
 from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, positive, register
+from fishprune.hvp import hutchinson_diagonal
 
 
 @dataclass(frozen=True)

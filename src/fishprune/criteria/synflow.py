@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fishprune.autograd import Loss, gradients, logits_of
 from fishprune.batches import Batches
 from fishprune.criteria._registry import Context, register
+from fishprune.losses import Loss, gradients, logits_of
 
 
 @dataclass(frozen=True)
