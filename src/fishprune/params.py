@@ -47,13 +47,14 @@ class PrunableReport:
         return "\n".join(lines)
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 blocks): a Linear with the weight stored (in, out)."""
     kind = type(module)
     return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
 
 
 def _default_layer(module: nn.Module) -> bool:
-    return isinstance(module, PRUNABLE_MODULES) or _is_hf_conv1d(module)
+    return isinstance(module, PRUNABLE_MODULES) or is_hf_conv1d(module)
 
 
 def _patterns(value: Iterable[str] | str, what: str) -> tuple[str, ...]:

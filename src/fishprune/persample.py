@@ -28,6 +28,7 @@ from fishprune.losses import (
     gradients,
     logits_of,
 )
+from fishprune.params import is_hf_conv1d
 
 
 def _per_sample_moments(
@@ -122,14 +123,8 @@ def _owner_modules(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[st
     return owners
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 blocks): a Linear with the weight stored (in, out)."""
-    kind = type(module)
-    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
-
-
 def _hookable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
         return True
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -178,7 +173,7 @@ def _squared_grad_sum(module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
     """Σ_n (∂ℓ_n/∂W)² for one layer from its inputs ``a`` and output gradients ``delta``."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     a, delta = a.to(dtype), delta.to(dtype)
-    if _is_hf_conv1d(module):  # y = a W + b, W (in, out): the Linear result, transposed
+    if is_hf_conv1d(module):  # y = a W + b, W (in, out): the Linear result, transposed
         a, delta = a.reshape(a.shape[0], -1, a.shape[-1]), delta.reshape(delta.shape[0], -1,
                                                                           delta.shape[-1])
         return _chunked_square_sum(lambda s: torch.bmm(a[s].transpose(1, 2), delta[s]),
