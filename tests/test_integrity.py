@@ -417,3 +417,33 @@ def test_verify_names_a_corrupted_file_and_refuses_a_missing_dir(
     assert f"{rd.metrics} does not match its checksum" in capsys.readouterr().out
     assert cli.main(["verify", str(tmp_path / "nowhere")]) == 1
     assert "is not a directory" in one_error_line(capsys)
+
+
+def test_a_stale_index_never_overwrites_a_newer_row(
+        finished: tuple[C.RunConfig, dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (found in the Q5 sweep): a ``fishprune report`` started while a sweep ran
+    read a run directory before the run finished, and wrote that row after the sweep had
+    indexed the run as finished: the database then said the run was not finished (a table
+    built from it lost a seed) until the next re-index."""
+    cfg, _ = finished
+    rd = RunDir.of(cfg)
+    path = tmp_path / "x.sqlite"
+    reader, sweep = db.connect(path), db.connect(path)
+    aside = tmp_path / "result.json"
+    rd.result.rename(aside)  # the run directory as a reader saw it, before result.json
+    real, seen = db.row_from_dir, []
+
+    def racing(run_dir: Path) -> Any:
+        found = real(run_dir)
+        if not seen:  # between this read and its write: the run ends and the sweep indexes it
+            seen.append(found[0]["status"])
+            aside.rename(rd.result)
+            assert db.index_run(sweep, run_dir)["status"] == "finished"
+        return found
+
+    monkeypatch.setattr(db, "row_from_dir", racing)
+    row = db.index_run(reader, rd.path)
+    assert seen == ["corrupt"] and row["status"] == "finished"
+    stored = reader.execute("SELECT status FROM runs WHERE run_id = ?", (cfg.run_id(),))
+    assert stored.fetchone()["status"] == "finished"

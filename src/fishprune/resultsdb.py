@@ -196,25 +196,60 @@ def row_from_dir(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     return row, layers
 
 
-def upsert(conn: sqlite3.Connection, row: dict[str, Any], layers: list[dict[str, Any]]) -> None:
-    """Insert or replace one run and its layers, in one transaction."""
+def upsert(conn: sqlite3.Connection, row: dict[str, Any], layers: list[dict[str, Any]], *,
+           still: typing.Callable[[], bool] | None = None) -> bool:
+    """Insert or replace one run and its layers, in one transaction.
+
+    ``still``, when given, is asked under the database's write lock whether the row is still
+    what the directory holds; if not, nothing is written and False is returned.
+    """
     known = columns()
     row = {k: _sql(v) for k, v in row.items() if k in known}
     with conn:
+        conn.execute("BEGIN IMMEDIATE")  # the write lock, before the check
+        if still is not None and not still():
+            return False
         conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(row)}) "
                      f"VALUES ({', '.join('?' * len(row))})", list(row.values()))
         conn.execute("DELETE FROM layers WHERE run_id = ?", (row["run_id"],))
         conn.executemany("INSERT INTO layers VALUES (:run_id, :position, :name, :numel, :kept, "
                          ":density, :effective)", layers)
+    return True
+
+
+def _state(run_dir: Path) -> list[tuple[str, int, int]]:
+    """What a run directory holds now: (name, size, mtime) of each file; any write changes it."""
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:  # removed meanwhile (an atomic write's temporary file)
+            continue
+        out.append((entry.name, st.st_size, st.st_mtime_ns))
+    return sorted(out)
 
 
 def index_run(conn: sqlite3.Connection, run_dir: str | Path) -> dict[str, Any] | None:
-    """(Re)index one run directory; return its row."""
-    found = row_from_dir(run_dir)
-    if found is None:
-        return None
-    upsert(conn, *found)
-    return found[0]
+    """(Re)index one run directory; return its row.
+
+    Race-free against other indexers (a ``fishprune report`` while the sweep runs): the
+    directory's state is taken before it is read, and the row is written only if, under the
+    database's write lock, the directory still holds that state; otherwise it is read again.
+    Without this, a reader that saw a run unfinished could write its stale row after the
+    sweep had indexed the run as finished.
+    """
+    run_dir = Path(run_dir)
+    while True:
+        before = _state(run_dir)
+        found = row_from_dir(run_dir)
+        if found is None:
+            return None
+        if upsert(conn, *found, still=lambda seen=before: _state(run_dir) == seen):
+            return found[0]
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -230,9 +265,7 @@ def index_dir(conn: sqlite3.Connection, root: str | Path) -> int:
     """Rebuild the index of every run directory under ``root``; drop rows whose directory is
     gone. Returns the number of runs indexed."""
     dirs = run_dirs(root)
-    rows = [r for r in (row_from_dir(d) for d in dirs) if r is not None]
-    for row, layers in rows:
-        upsert(conn, row, layers)
+    rows = [r for r in (index_run(conn, d) for d in dirs) if r is not None]
     names = {d.name for d in dirs}
     with conn:
         for r in conn.execute("SELECT run_id, run_dir FROM runs").fetchall():
