@@ -2,12 +2,14 @@
 
     fishprune sweep results/configs/q5-sanity-lenet300.toml --workers 2
     fishprune report sweeps/q5-sanity-lenet300 --out results/q5-sanity-lenet300
-    sqlite3 sweeps/q5-sanity-lenet300/results.sqlite ".backup results/q5-sanity-lenet300/results.sqlite"
+    sqlite3 sweeps/q5-sanity-lenet300/results.sqlite \\
+        ".backup results/q5-sanity-lenet300/results.sqlite"
     python results/q5_table.py results/q5-sanity-lenet300 > results/q5-sanity-lenet300/README.md
 
 Reads ``DIR/results.sqlite`` (finished runs only): the sweep's, or the copy committed beside
-the report (``fishprune report`` re-verifies and re-indexes every run directory first). For every criterion and sparsity it prints the test accuracy of the mask
-as found (``none``) and under each sanity transformation (Frankle et al. 2021; Su et al. 2020):
+the report (``fishprune report`` re-verifies and re-indexes every run directory first). For
+every criterion and sparsity it prints the test accuracy of the mask as found (``none``) and
+under each sanity transformation (Frankle et al. 2021; Su et al. 2020):
 
 * ``shuffle``: the mask permuted within each layer, layer densities kept;
 * ``reinit``: the mask kept, the kept weights re-drawn from the initialization distribution;
