@@ -11,7 +11,10 @@ ties (all bold), and with one seed only ties are marked.
 
 Markdown is returned; ``report.md``, ``report.tex`` and long-format CSVs (``runs.csv``: one row
 per run; ``summary.csv``: group × method × sparsity; ``layers.csv``) go to the report
-directory, plots (:mod:`fishprune.report.plots`) to its ``plots/``.
+directory, plots (:mod:`fishprune.report.plots`) to its ``plots/``. When the runs vary
+``sanity``, the sanity table (:mod:`fishprune.report.sanity`: paired gaps to each transformed
+mask, their significance and a verdict per method) follows the results tables, and its gaps go
+to ``sanity.csv``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fishprune.report.render import (
     markdown,
     summary_rows,
 )
+from fishprune.report.sanity import sanity_markdown, sanity_rows, sanity_tables
 from fishprune.report.tables import Table, build_tables, layer_table
 
 __all__ = ["Table", "build_tables", "make_report"]
@@ -61,8 +65,10 @@ def make_report(root: str | Path, *, metric: str = "test_acc", out: str | Path |
         found = sorted({s for t in tables for s in t.sparsities})
         raise ConfigError(f"no run at --layer-sparsity {layer_sparsity:g} (sparsities: "
                           f"{', '.join(f'{s:g}' for s in found)})")
+    sts = sanity_tables(tables, metric)
     md = "\n".join([f"# fishprune report: {root}", "",
-                    *[markdown(t) for t in tables], *[layer_markdown(lt) for lt in lts]])
+                    *[markdown(t) for t in tables], *[sanity_markdown(st) for st in sts],
+                    *[layer_markdown(lt) for lt in lts]])
     target = Path(out) if out else root / "report"
     target.mkdir(parents=True, exist_ok=True)
     written = []
@@ -81,6 +87,9 @@ def make_report(root: str | Path, *, metric: str = "test_acc", out: str | Path |
                                            "std"]),
                  "layers.csv": (per_layer, [*group, "method", "sparsity", "layer", "density",
                                             "collapsed"])}
+        if sts:
+            rows = sanity_rows(sts)
+            files["sanity.csv"] = (rows, list(dict.fromkeys(k for r in rows for k in r)))
         for name, (rows, cols) in files.items():
             atomic.write_text(target / name, csv_text(rows, cols))
             written.append(target / name)
