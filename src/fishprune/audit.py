@@ -58,8 +58,7 @@ def recompute(rd: RunDir, *, device: str | torch.device = "cpu", max_samples: in
               loss_rtol: float = 1e-4, data_cache: dict[Any, Any] | None = None) -> list[str]:
     """Problems found by re-evaluating a finished, checksum-intact run (empty: it agrees)."""
     from fishprune.data import load_dataset
-    from fishprune.data.streamed import make_batches
-    from fishprune.pipeline import fresh_model
+    from fishprune.pipeline import fresh_model, test_batches
     from fishprune.train import evaluate
 
     cfg = rd.read_config()
@@ -92,9 +91,7 @@ def recompute(rd: RunDir, *, device: str | torch.device = "cpu", max_samples: in
                 problems.append(f"{rd.best}: {alive} pruned weight(s) of {name} are not zero")
     device = torch.device(device)
     model.to(device)
-    batches = make_batches(ds.test_x, ds.test_y, batch_size=1024, mean=ds.mean, std=ds.std,
-                           device=device, num_workers=d.num_workers)
-    loss, acc = evaluate(model, batches, device=device)
+    loss, acc = evaluate(model, test_batches(cfg, ds, device), device=device)
     n = int(ds.test_y.shape[0])
     stored_acc, stored_loss = result.get("test_acc"), result.get("test_loss")
     if not isinstance(stored_acc, (int, float)) or abs(acc - stored_acc) * n > max_samples + 1e-6:

@@ -206,12 +206,19 @@ def make_loaders(cfg: RunConfig, ds: DatasetTensors | FolderData, train_idx: tor
                               shuffle=True, seed=cfg.seed, augment=augment, **common),
         "train_plain": make_batches(ds.train_x[train_idx], ds.train_y[train_idx], batch_size=b,
                                     **common),
-        "test": make_batches(ds.test_x, ds.test_y, batch_size=1024, **common),
+        "test": test_batches(cfg, ds, device),
     }
     if len(val_idx):
         loaders["val"] = make_batches(ds.train_x[val_idx], ds.train_y[val_idx], batch_size=1024,
                                       **common)
     return loaders
+
+
+def test_batches(cfg: RunConfig, ds: DatasetTensors | FolderData, device: torch.device
+                 ) -> TensorBatches | ImageBatches:
+    """The test split in evaluation batches (the run's, and ``fishprune verify``'s)."""
+    return make_batches(ds.test_x, ds.test_y, batch_size=1024, mean=ds.mean, std=ds.std,
+                        device=device, num_workers=cfg.data.num_workers)
 
 
 def fresh_model(cfg: RunConfig, ds: DatasetTensors | FolderData, *, seed: int) -> nn.Module:
